@@ -1,0 +1,267 @@
+"""WebSocket tickets: single-use, short-lived, optionally bound to one client IP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import ipaddress
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import Interface, implementer
+
+__all__ = [
+    "REFUSAL_REASONS",
+    "ITicketStore",
+    "MemoryTicketStore",
+    "SecondsClock",
+    "StoreUnavailable",
+    "Ticket",
+    "TicketRefused",
+    "normalize_ip",
+]
+
+
+class SecondsClock(Protocol):
+    """The part of ``IReactorTime`` used here: the reactor or a ``task.Clock``.
+
+    A Protocol rather than ``IReactorTime`` itself because mypy, without the
+    mypy-zope plugin, misreads zope interface methods (no ``self``).
+    """
+
+    def seconds(self) -> float: ...
+
+
+TOKEN_BYTES: Final = 32
+"""Randomness per token: 256 bits, far above the SPEC's 128-bit floor."""
+
+TOKEN_LENGTH: Final = 43
+"""Length of a token: unpadded base64url of ``TOKEN_BYTES`` bytes."""
+
+_TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+
+REFUSAL_REASONS: Final = frozenset({"unknown", "expired", "already_redeemed", "wrong_ip"})
+
+_ISSUE_ATTEMPTS: Final = 8
+
+
+def normalize_ip(text: str) -> str:
+    """Return the canonical text of an IPv4 or IPv6 address.
+
+    IPv4-mapped IPv6 addresses (``::ffff:192.0.2.1``, what a dual-stack
+    socket reports for an IPv4 peer) become the IPv4 address, so a ticket
+    bound to ``192.0.2.1`` matches however the peer's address is spelled.
+    Zoned IPv6 addresses (``fe80::1%eth0``) and anything that is not an
+    address raise ``ValueError``.
+    """
+    if not isinstance(text, str):
+        raise ValueError("not an IP address")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError("not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            raise ValueError("zoned IPv6 addresses are not accepted")
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+    return str(address)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a backend granted one browser, stored until redeemed or expired.
+
+    ``subscribe`` and ``publish`` hold compiled topic patterns; the store
+    treats them as opaque. ``client_ip`` is normalized on construction
+    (``ValueError`` if it is not an address); ``expires_at`` must be finite
+    so a ticket cannot be made immortal by a NaN.
+    """
+
+    user: str
+    client_ip: str | None
+    subscribe: tuple[object, ...]
+    publish: tuple[object, ...]
+    expires_at: float
+
+    def __post_init__(self) -> None:
+        if self.client_ip is not None:
+            object.__setattr__(self, "client_ip", normalize_ip(self.client_ip))
+        object.__setattr__(self, "subscribe", tuple(self.subscribe))
+        object.__setattr__(self, "publish", tuple(self.publish))
+        if not math.isfinite(self.expires_at):
+            raise ValueError("expires_at must be a finite number")
+
+
+class TicketRefused(Exception):
+    """A redemption failed; ``reason`` says why, for the log only.
+
+    The client is told 403 whatever the reason (SPEC section 3). The token
+    is never passed in, so neither ``str()`` nor ``repr()`` can show it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"ticket refused: {self.reason}"
+
+
+class StoreUnavailable(Exception):
+    """The ticket store cannot answer now (e.g. Redis is down): answer 503."""
+
+
+if TYPE_CHECKING:
+    # mypy without the mypy-zope plugin misreads zope interfaces (methods
+    # without ``self``), so type checkers see this structural Protocol with
+    # the same methods; annotate with ``ITicketStore`` either way.
+
+    class ITicketStore(Protocol):
+        def issue(self, ticket: Ticket) -> Deferred[str]: ...
+        def redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]: ...
+        def size(self) -> int: ...
+
+else:
+
+    class ITicketStore(Interface):
+        """Issues tickets and redeems each at most once, atomically.
+
+        Both methods return Deferreds; an implementation may fire them
+        synchronously (memory) or later (Redis), and callers handle both.
+        """
+
+        def issue(ticket):
+            """Store ``ticket`` and fire with a fresh token (base64url, 256 bits).
+
+            Errbacks with ``StoreUnavailable`` when the store cannot take it.
+            """
+
+        def redeem(token, peer_ip):
+            """Consume the ticket for ``token``, presented from ``peer_ip``.
+
+            The first attempt consumes the ticket whatever its outcome. Fires
+            with the ``Ticket``, or errbacks with ``TicketRefused`` (reason
+            ``unknown``, ``expired``, ``already_redeemed`` or ``wrong_ip``)
+            or ``StoreUnavailable``.
+            """
+
+        def size():
+            """Number of entries held (live tickets and tombstones), for metrics."""
+
+
+def _token_key(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+@implementer(ITicketStore)
+class MemoryTicketStore:
+    """A single-node ticket store held in process memory.
+
+    Entries are keyed by the SHA-256 of the token; the token itself is never
+    kept, so a dump of the store yields no usable ticket. A redeemed or
+    burned ticket leaves a tombstone until its expiry so that a replay is
+    reported as ``already_redeemed``. Expired entries are purged lazily on
+    every ``issue``/``redeem`` from a heap ordered by expiry, which keeps
+    memory bounded under a flood of unredeemed tickets without any timer.
+    Because the purge is lazy, an expired ticket is reported as ``expired``
+    only while it is still held; once purged it is ``unknown``.
+    """
+
+    def __init__(
+        self,
+        clock: SecondsClock,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self._clock = clock
+        self._randbytes = randbytes
+        self._live: dict[bytes, Ticket] = {}
+        self._tombstones: dict[bytes, float] = {}
+        # One (expires_at, key) entry per key in _live or _tombstones.
+        self._expiries: list[tuple[float, bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"<MemoryTicketStore live={len(self._live)} tombstones={len(self._tombstones)}>"
+
+    def issue(self, ticket: Ticket) -> Deferred[str]:
+        """Store ``ticket`` under the hash of a fresh token; fire with the token."""
+        self.purge()
+        for _ in range(_ISSUE_ATTEMPTS):
+            raw = self._randbytes(TOKEN_BYTES)
+            if len(raw) != TOKEN_BYTES:
+                return defer.fail(StoreUnavailable("randomness source returned a short read"))
+            token = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+            key = _token_key(token)
+            if key not in self._live and key not in self._tombstones:
+                self._live[key] = ticket
+                heapq.heappush(self._expiries, (ticket.expires_at, key))
+                return defer.succeed(token)
+        # Only a broken randomness source gets here.
+        return defer.fail(StoreUnavailable("could not generate a fresh ticket token"))
+
+    def redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]:
+        """Consume the ticket for ``token`` if it is live, unexpired and ours."""
+        try:
+            return self._redeem(token, peer_ip)
+        finally:
+            # After the lookup, so a ticket at its deadline says "expired".
+            self.purge()
+
+    def _redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]:
+        if (
+            not isinstance(token, str)
+            or len(token) != TOKEN_LENGTH
+            or _TOKEN_SHAPE.fullmatch(token) is None
+        ):
+            return defer.fail(TicketRefused("unknown"))
+        key = _token_key(token)
+        now = self._clock.seconds()
+        ticket = self._live.pop(key, None)
+        if ticket is None:
+            tombstone = self._tombstones.get(key)
+            if tombstone is not None and now < tombstone:
+                return defer.fail(TicketRefused("already_redeemed"))
+            return defer.fail(TicketRefused("unknown"))
+        # Consumed from here on, whatever the outcome.
+        if now >= ticket.expires_at:
+            # No tombstone: the heap entry is purged right after this call.
+            return defer.fail(TicketRefused("expired"))
+        self._tombstones[key] = ticket.expires_at
+        if ticket.client_ip is not None:
+            try:
+                peer = normalize_ip(peer_ip)
+            except ValueError:
+                return defer.fail(TicketRefused("wrong_ip"))
+            if peer != ticket.client_ip:
+                return defer.fail(TicketRefused("wrong_ip"))
+        return defer.succeed(ticket)
+
+    def purge(self) -> int:
+        """Drop live tickets and tombstones whose expiry has passed; return how many."""
+        now = self._clock.seconds()
+        expiries = self._expiries
+        dropped = 0
+        while expiries and expiries[0][0] <= now:
+            _, key = heapq.heappop(expiries)
+            if self._live.pop(key, None) is not None or self._tombstones.pop(key, None) is not None:
+                dropped += 1
+        return dropped
+
+    def size(self) -> int:
+        """Number of entries held (live tickets and tombstones)."""
+        return len(self._live) + len(self._tombstones)
+
+
+if TYPE_CHECKING:
+
+    def _provides_interface(store: MemoryTicketStore) -> ITicketStore:
+        return store  # mypy checks MemoryTicketStore against the Protocol here
