@@ -11,11 +11,13 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
+
+from securepub.topics import Pattern
 
 __all__ = [
     "REFUSAL_REASONS",
@@ -87,8 +89,8 @@ class Ticket:
 
     user: str
     client_ip: str | None
-    subscribe: tuple[object, ...]
-    publish: tuple[object, ...]
+    subscribe: tuple[Pattern, ...]
+    publish: tuple[Pattern, ...]
     expires_at: float
 
     def __post_init__(self) -> None:
@@ -121,42 +123,30 @@ class StoreUnavailable(Exception):
     """The ticket store cannot answer now (e.g. Redis is down): answer 503."""
 
 
-if TYPE_CHECKING:
-    # mypy without the mypy-zope plugin misreads zope interfaces (methods
-    # without ``self``), so type checkers see this structural Protocol with
-    # the same methods; annotate with ``ITicketStore`` either way.
+class ITicketStore(Interface):
+    """Issues tickets and redeems each at most once, atomically.
 
-    class ITicketStore(Protocol):
-        def issue(self, ticket: Ticket) -> Deferred[str]: ...
-        def redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]: ...
-        def size(self) -> int: ...
+    Both methods return Deferreds; an implementation may fire them
+    synchronously (memory) or later (Redis), and callers handle both.
+    """
 
-else:
+    def issue(ticket: Ticket) -> Deferred[str]:
+        """Store ``ticket`` and fire with a fresh token (base64url, 256 bits).
 
-    class ITicketStore(Interface):
-        """Issues tickets and redeems each at most once, atomically.
-
-        Both methods return Deferreds; an implementation may fire them
-        synchronously (memory) or later (Redis), and callers handle both.
+        Errbacks with ``StoreUnavailable`` when the store cannot take it.
         """
 
-        def issue(ticket):
-            """Store ``ticket`` and fire with a fresh token (base64url, 256 bits).
+    def redeem(token: str, peer_ip: str) -> Deferred[Ticket]:
+        """Consume the ticket for ``token``, presented from ``peer_ip``.
 
-            Errbacks with ``StoreUnavailable`` when the store cannot take it.
-            """
+        The first attempt consumes the ticket whatever its outcome. Fires
+        with the ``Ticket``, or errbacks with ``TicketRefused`` (reason
+        ``unknown``, ``expired``, ``already_redeemed`` or ``wrong_ip``)
+        or ``StoreUnavailable``.
+        """
 
-        def redeem(token, peer_ip):
-            """Consume the ticket for ``token``, presented from ``peer_ip``.
-
-            The first attempt consumes the ticket whatever its outcome. Fires
-            with the ``Ticket``, or errbacks with ``TicketRefused`` (reason
-            ``unknown``, ``expired``, ``already_redeemed`` or ``wrong_ip``)
-            or ``StoreUnavailable``.
-            """
-
-        def size():
-            """Number of entries held (live tickets and tombstones), for metrics."""
+    def size() -> int:
+        """Number of entries held (live tickets and tombstones), for metrics."""
 
 
 def _token_key(token: str) -> bytes:
@@ -260,8 +250,3 @@ class MemoryTicketStore:
         """Number of entries held (live tickets and tombstones)."""
         return len(self._live) + len(self._tombstones)
 
-
-if TYPE_CHECKING:
-
-    def _provides_interface(store: MemoryTicketStore) -> ITicketStore:
-        return store  # mypy checks MemoryTicketStore against the Protocol here

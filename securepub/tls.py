@@ -141,7 +141,7 @@ def _acceptable_ciphers() -> IAcceptableCiphers:
     # Twisted ships this classmethod without annotations; adapting to the
     # interface gives mypy the type and checks the object at run time.
     return IAcceptableCiphers(
-        AcceptableCiphers.fromOpenSSLCipherString(_TLS12_CIPHERS)  # type: ignore[no-untyped-call]
+        AcceptableCiphers.fromOpenSSLCipherString(_TLS12_CIPHERS)
     )
 
 

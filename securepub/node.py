@@ -1,0 +1,88 @@
+"""One securepub node: builds the store, broker, site and TLS listener from Settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from securepub.api import Health, PublishResource, TicketsResource
+from securepub.broker import Broker
+from securepub.origin import OriginPolicy
+from securepub.protocol import SecurePubFactory
+from securepub.settings import Settings
+from securepub.tickets import ITicketStore, MemoryTicketStore
+from securepub.tls import server_context_factory
+from securepub.validation import PayloadValidator
+from securepub.web import Root, SecurePubSite, WebSocketOnly
+
+_log = Logger()
+
+
+class Node:
+    """Everything one process serves; ``listen()`` opens the TLS port.
+
+    Construction does all the checking that can fail (certificates, schemas,
+    origins), so a bad configuration stops the start before anything listens.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        limits = settings.limits
+        self.tls = server_context_factory(settings.cert, settings.key)
+        self.origin_policy = OriginPolicy(settings.allowed_origins, settings.enforce_origin)
+        self.validator = PayloadValidator(
+            limits.max_message_bytes, limits.max_json_depth, settings.topics
+        )
+        self.tickets: ITicketStore = MemoryTicketStore(reactor)
+        # The broker frames messages with the factory's prepareMessage (looked
+        # up at call time, see _prepare), so it can be built first.
+        self.broker = Broker(self.validator, limits, reactor, prepare=self._prepare)
+        self.factory = SecurePubFactory(
+            broker=self.broker,
+            tickets=self.tickets,
+            origin_policy=self.origin_policy,
+            limits=limits,
+            clock=reactor,
+        )
+        routes = {
+            b"ws": WebSocketOnly(WebSocketResource(self.factory)),
+            b"healthz": Health(),
+            b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
+            b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
+        }
+        self.site = SecurePubSite(Root(routes), max_body_bytes=limits.max_frame_bytes)
+
+    def _prepare(self, frame: bytes) -> Any:
+        return self.factory.prepareMessage(frame)
+
+    def warnings(self) -> list[str]:
+        """Start-time warnings about a configuration that works but may surprise."""
+        found = []
+        if self.origin_policy.allows_nothing:
+            found.append(
+                "allowed_origins is empty and origin_policy is 'enforce': every browser "
+                "request carrying an Origin header will be refused"
+            )
+        return found
+
+    def log_warnings(self) -> None:
+        for text in self.warnings():
+            _log.warn("{warning}", warning=text, securepub_event="config_warning")
+
+    def endpoint(self) -> SSL4ServerEndpoint:
+        """The TLS endpoint; there is no plaintext listener."""
+        return SSL4ServerEndpoint(
+            self.reactor, self.settings.port, self.tls, interface=self.settings.interface
+        )
+
+    def listen(self) -> Deferred[IListeningPort]:
+        """Open the TLS port (tests and embedding; twistd uses `endpoint`)."""
+        self.log_warnings()
+        d: Deferred[IListeningPort] = self.endpoint().listen(self.site)
+        return d

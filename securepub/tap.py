@@ -1,0 +1,95 @@
+"""twistd integration: the ``securepub`` options and the service they make."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from securepub.errors import ConfigError
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd securepub`` (SPEC section 1).
+
+    Values are checked when the service is made, all in one place with the
+    TOML file, so a bad value gives one line naming it rather than twistd's
+    whole usage text.
+    """
+
+    synopsis = "[--dev | --config PATH] [options]"
+    optFlags = [
+        ["dev", None, "Generate (once) development certificates and an API key under "
+         "./certs and allow https://localhost:PORT origins."],
+    ]
+    optParameters = [
+        ["config", None, None, "TOML configuration file."],
+        ["port", None, None, "TLS port for the HTTPS API and wss:// (default 8443)."],
+        ["interface", None, None, "Address to bind (default 127.0.0.1)."],
+        ["cert", None, None, "PEM certificate chain."],
+        ["key", None, None, "PEM private key."],
+        ["client-ca", None, None, "CA whose client certificates may call the backend API."],
+        ["api-key-file", None, None, "Backend API keys, one per line."],
+        ["redis", None, None, "redis:// or rediss:// URL for a multi-node cluster."],
+    ]
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"twistd securepub: error: {message}\n")
+    raise SystemExit(1)
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+    """Build the node; a bad configuration exits with one line on stderr."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from securepub.devcerts import describe, ensure_dev_certs
+    from securepub.node import Node
+    from securepub.settings import load_settings
+
+    try:
+        dev_paths = None
+        certs = None
+        if options.get("dev"):
+            certs = ensure_dev_certs(os.path.join(os.getcwd(), "certs"))
+            dev_paths = {"cert": certs.cert, "key": certs.key, "api_key_file": certs.api_key_file}
+        settings = load_settings(options, dev_paths=dev_paths)
+        node = Node(settings, reactor)
+        if certs is not None:
+            sys.stdout.write(describe(certs, port=settings.port) + "\n")
+            sys.stdout.flush()
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable: _fail exits
+    service = MultiService()
+    listener = _NodeService(node)
+    listener.setServiceParent(service)
+    return service
+
+
+class _NodeService(StreamServerEndpointService):
+    """Listens on the node's TLS endpoint; a port that can't be bound stops twistd."""
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node.endpoint(), node.site)
+        self._raiseSynchronously = True
+        self.node = node
+
+    def privilegedStartService(self) -> None:
+        from twisted.logger import Logger
+
+        log = Logger()
+        self.node.log_warnings()
+        super().privilegedStartService()
+        log.info(
+            "securepub listening on https://{interface}:{port} (wss://.../ws)",
+            securepub_event="listening",
+            interface=self.node.settings.interface,
+            port=self.node.settings.port,
+        )

@@ -1,0 +1,188 @@
+"""Settings: options over TOML over defaults, every bad value named in one line."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from securepub.apikeys import load_api_keys
+from securepub.errors import ConfigError
+from securepub.settings import Limits, load_settings
+
+KEY = "k" * 32
+
+
+class SettingsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.dir)
+        for name in ("server.pem", "server.key"):
+            self.write(name, "placeholder")
+        self.write("keys", f"# backends\n{KEY}\n\n")
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def options(self, **extra: object) -> dict[str, object]:
+        base: dict[str, object] = {
+            "cert": "server.pem", "key": "server.key", "api-key-file": "keys",
+        }
+        base.update(extra)
+        return base
+
+    def error(self, options: dict[str, object]) -> str:
+        e = self.assertRaises(ConfigError, load_settings, options, self.dir)
+        message = str(e)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_defaults(self) -> None:
+        """Without a config file the SPEC's defaults apply."""
+        s = load_settings(self.options(), self.dir)
+        self.assertEqual((s.port, s.interface, s.origin_policy), (8443, "127.0.0.1", "enforce"))
+        self.assertEqual(s.limits, Limits())
+        self.assertEqual(s.allowed_origins, ())
+        self.assertEqual(s.cert, os.path.join(self.dir, "server.pem"))
+        self.assertEqual(len(s.api_keys), 1)
+
+    def test_toml_and_relative_paths(self) -> None:
+        """TOML values apply, paths are relative to the file's own folder."""
+        os.mkdir(os.path.join(self.dir, "conf"))
+        self.write("conf/keys", KEY + "\n")
+        self.write("conf/chat.json", '{"type": "object"}')
+        config = self.write(
+            "conf/securepub.toml",
+            'port = 9443\ninterface = "0.0.0.0"\ncert = "../server.pem"\n'
+            'key = "/abs/server.key"\napi_key_file = "keys"\n'
+            'allowed_origins = ["https://app.example.com"]\norigin_policy = "log"\n'
+            "[limits]\nmax_message_bytes = 1000\nmax_publish_rate = 2.5\n"
+            '[[topics]]\npattern = "chat.*"\nschema = "chat.json"\nclient_publish = true\n'
+            '[[topics]]\npattern = "news.>"\n',
+        )
+        s = load_settings({"config": config}, self.dir)
+        self.assertEqual((s.port, s.interface, s.origin_policy), (9443, "0.0.0.0", "log"))
+        self.assertEqual(s.cert, os.path.join(self.dir, "server.pem"))
+        self.assertEqual(s.key, "/abs/server.key")
+        self.assertEqual(s.limits.max_message_bytes, 1000)
+        self.assertEqual(s.limits.max_publish_rate, 2.5)
+        self.assertEqual([r.pattern.text for r in s.topics], ["chat.*", "news.>"])
+        self.assertEqual(s.topics[0].schema, {"type": "object"})
+        self.assertTrue(s.topics[0].client_publish)
+        self.assertFalse(s.topics[1].client_publish)
+        self.assertEqual(s.allowed_origins, ("https://app.example.com",))
+
+    def test_command_line_wins(self) -> None:
+        """A command-line option overrides the same key in the TOML file."""
+        config = self.write("c.toml", "port = 9443\n")
+        s = load_settings(self.options(config="c.toml", port="10443"), self.dir)
+        self.assertEqual(s.port, 10443)
+        self.assertTrue(config)
+
+    def test_dev_adds_local_origins(self) -> None:
+        """--dev allows https://localhost:PORT and https://127.0.0.1:PORT."""
+        s = load_settings(self.options(dev=True, port="9000"), self.dir)
+        self.assertEqual(
+            s.allowed_origins, ("https://localhost:9000", "https://127.0.0.1:9000")
+        )
+
+    def test_bad_values_name_the_key(self) -> None:
+        """Each bad value stops the start with one line naming the key."""
+        cases = {
+            "port": self.options(port="http"),
+            "interface": self.options(interface="example.com"),
+        }
+        for key, options in cases.items():
+            self.assertIn(key, self.error(options))
+        self.assertIn("port", self.error(self.options(port="70000")))
+
+    def test_bad_toml_values(self) -> None:
+        """Unknown keys, wrong types and out-of-range limits are refused."""
+        cases = {
+            "bogus = 1\n": "bogus",
+            'origin_policy = "maybe"\n': "origin_policy",
+            "allowed_origins = \"https://a\"\n": "allowed_origins",
+            "[limits]\nmax_json_depth = 0\n": "limits.max_json_depth",
+            "[limits]\nmax_errors = true\n": "limits.max_errors",
+            "[limits]\nmax_connections = 5\n": "max_connections",
+            '[[topics]]\nschema = "x.json"\n': "pattern",
+            '[[topics]]\npattern = "a..b"\n': "topics[0].pattern",
+            '[[topics]]\npattern = "a"\nclient_publish = "yes"\n': "client_publish",
+            '[[topics]]\npattern = "a"\nextra = 1\n': "extra",
+            '[[topics]]\npattern = "a"\nschema = "missing.json"\n': "topics[0].schema",
+            "port = [\n": "not valid TOML",
+        }
+        for text, expected in cases.items():
+            self.write("c.toml", text)
+            self.assertIn(expected, self.error(self.options(config="c.toml")), text)
+
+    def test_bad_schema_file(self) -> None:
+        """A schema that is not strict JSON is refused naming the rule."""
+        self.write("s.json", '{"type": "object", "type": "array"}')
+        self.write("c.toml", '[[topics]]\npattern = "a"\nschema = "s.json"\n')
+        self.assertIn("topics[0].schema", self.error(self.options(config="c.toml")))
+
+    def test_required_files(self) -> None:
+        """cert, key and api_key_file are required unless --dev."""
+        for key in ("cert", "key", "api-key-file"):
+            options = self.options()
+            del options[key]
+            self.assertIn(key.replace("-", "_"), self.error(options))
+
+    def test_cluster_options_refused_for_now(self) -> None:
+        """--redis and --client-ca stop the start instead of being ignored."""
+        self.assertIn("redis", self.error(self.options(redis="redis://127.0.0.1")))
+        self.assertIn("client_ca", self.error(self.options(**{"client-ca": "ca.pem"})))
+
+    def test_missing_config_file(self) -> None:
+        """A config path that cannot be read is named."""
+        self.assertIn("nope.toml", self.error(self.options(config="nope.toml")))
+
+
+class ApiKeyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.dir)
+
+    def keys_file(self, text: str) -> str:
+        path = os.path.join(self.dir, "keys")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_check(self) -> None:
+        """Only listed keys pass; comments and blank lines are not keys."""
+        keys = load_api_keys(self.keys_file(f"# comment\n\n{KEY}\n{'b' * 20}\n"))
+        self.assertEqual(len(keys), 2)
+        self.assertTrue(keys.check(KEY.encode()))
+        self.assertTrue(keys.check(b"b" * 20))
+        self.assertFalse(keys.check(b"# comment"))
+        self.assertFalse(keys.check(b""))
+        self.assertFalse(keys.check(KEY.encode()[:-1]))
+
+    def test_repr_hides_keys(self) -> None:
+        """Neither repr nor the settings' repr shows a key."""
+        keys = load_api_keys(self.keys_file(KEY + "\n"))
+        self.assertNotIn(KEY, repr(keys))
+
+    def test_empty_or_weak_files_refused(self) -> None:
+        """An empty file, a short key or a key with spaces stops the start."""
+        for text in ("", "# only a comment\n", "short\n", "a key with spaces in it\n"):
+            e = self.assertRaises(ConfigError, load_api_keys, self.keys_file(text))
+            self.assertIn("api_key_file", str(e))
+            self.assertNotIn("short", str(e).split(":", 1)[0])
+
+    def test_unreadable(self) -> None:
+        """A missing key file is named."""
+        e = self.assertRaises(ConfigError, load_api_keys, os.path.join(self.dir, "none"))
+        self.assertIn("none", str(e))
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
