@@ -87,11 +87,11 @@ class JSONResource(Resource):
     allowed_methods: tuple[bytes, ...] = ()
 
     def render(self, request: Request) -> bytes | int:
+        if request.postpath not in ([], [b""]):
+            return error_body(request, "not_found", "no such resource")
         if request.method not in self.allowed_methods:
             request.setHeader(b"allow", b", ".join(self.allowed_methods))
             return error_body(request, "method_not_allowed", "method not allowed here")
-        if request.postpath not in ([], [b""]):
-            return error_body(request, "not_found", "no such resource")
         return super().render(request)  # type: ignore[no-any-return]
 
 
@@ -157,6 +157,7 @@ class BackendResource(JSONResource):
 
     def _finish(self, body: bytes, request: Request) -> None:
         if not request.finished and not request._disconnected:
+            request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()
 

@@ -198,7 +198,7 @@ class Broker:
         for session in targets:
             try:
                 session.subscriber.send_prepared(prepared)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; isolation is the point
                 # One broken subscriber must not cost the others their copy.
                 self._log.failure("delivery failed session={session}", session=session.id)
         return len(targets)

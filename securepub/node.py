@@ -22,6 +22,9 @@ from securepub.web import Root, SecurePubSite, WebSocketOnly
 
 _log = Logger()
 
+#: Seconds an HTTP connection may stay idle before it is closed.
+HTTP_IDLE_TIMEOUT = 60
+
 
 class Node:
     """Everything one process serves; ``listen()`` opens the TLS port.
@@ -56,7 +59,11 @@ class Node:
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
         }
-        self.site = SecurePubSite(Root(routes), max_body_bytes=limits.max_frame_bytes)
+        # An HTTP connection idle this long is closed (Twisted's default is 12
+        # hours); it also bounds a TLS or HTTP handshake that never completes.
+        self.site = SecurePubSite(
+            Root(routes), max_body_bytes=limits.max_frame_bytes, timeout=HTTP_IDLE_TIMEOUT
+        )
 
     def _prepare(self, frame: bytes) -> Any:
         return self.factory.prepareMessage(frame)

@@ -8,8 +8,8 @@ from typing import Any, NoReturn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -210,7 +210,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
                 broker.client_publish(session, message["topic"], message["data"])
         except RequestError as e:
             self._error(message_id, e.code, e.message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug must cost one reply, not the connection
             self._log.failure("frame handling failed session={session}", session=session.id)
             self._error(message_id, "unavailable", "internal error; nothing was done")
         else:

@@ -234,7 +234,7 @@ def load_settings(
         if not merged.get(key):
             raise ConfigError(f"{key}: required (or use --dev for generated development files)")
     if merged.get("redis") is not None:
-        raise ConfigError("redis: this build runs on one node only; clustering is not available yet")
+        raise ConfigError("redis: this build runs on one node only; clustering is not there yet")
     if merged.get("client_ca") is not None:
         raise ConfigError("client_ca: client-certificate authentication is not available yet")
     policy = merged.get("origin_policy", "enforce")

@@ -1,0 +1,268 @@
+"""The HTTPS API on fakes: statuses, bodies and error codes of SPEC section 2."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from securepub.api import Health, PublishResource, TicketsResource
+from securepub.apikeys import ApiKeys
+from securepub.broker import Broker, Grants, RecordingSubscriber
+from securepub.origin import OriginPolicy
+from securepub.protocol import SecurePubFactory
+from securepub.settings import Limits
+from securepub.tickets import MemoryTicketStore
+from securepub.topics import Pattern
+from securepub.validation import PayloadValidator
+from securepub.web import Root, SecurePubSite, WebSocketOnly
+
+KEY = "test-api-key-0123456789abcdef"
+
+
+class Response:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.status = int(lines[0].split(b" ")[1])
+        self.headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(b":") for line in lines[1:])
+        }
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ApiTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.limits = Limits(max_message_bytes=1000)
+        self.store = MemoryTicketStore(self.clock)
+        self.broker = Broker(PayloadValidator(1000, 4, ()), self.limits, self.clock)
+        keys = ApiKeys([KEY.encode()])
+        factory = SecurePubFactory(
+            self.broker, self.store, OriginPolicy([], True), self.limits, self.clock
+        )
+        self.site = SecurePubSite(
+            Root({
+                b"ws": WebSocketOnly(WebSocketResource(factory)),
+                b"healthz": Health(),
+                b"v1/tickets": TicketsResource(keys, self.clock, self.store),
+                b"v1/publish": PublishResource(keys, self.clock, self.broker),
+            }),
+            max_body_bytes=self.limits.max_frame_bytes,
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def raw(self, data: bytes) -> bytes:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.5", 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.5", 4000))
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return transport.value()
+
+    def request(
+        self, method: str, path: str, body: bytes | dict[str, Any] | None = None,
+        key: str | None = KEY, content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+        if key is not None:
+            lines.append(f"Authorization: Bearer {key}")
+        if body is not None:
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        return Response(self.raw(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")))
+
+    def assertError(self, response: Response, status: int, code: str) -> None:
+        self.assertEqual((response.status, response.json()["error"]), (status, code),
+                         response.body)
+        self.assertIsInstance(response.json()["message"], str)
+        self.assertNotIn(KEY.encode(), response.body)
+
+    def test_healthz(self) -> None:
+        """GET /healthz is 200 {"status": "ok"} with no authentication."""
+        r = self.request("GET", "/healthz", key=None)
+        self.assertEqual((r.status, r.json()), (200, {"status": "ok"}))
+        self.assertEqual(r.headers[b"content-type"], b"application/json")
+        self.assertEqual(r.headers[b"cache-control"], b"no-store")
+        self.assertEqual(r.headers[b"server"], b"securepub")
+
+    def test_unhealthy(self) -> None:
+        """A failing check turns /healthz into 503 with the reason."""
+        self.site.resource._routes[b"healthz"] = Health(lambda: "redis unreachable")
+        r = self.request("GET", "/healthz")
+        self.assertEqual(
+            (r.status, r.json()), (503, {"status": "unavailable", "reason": "redis unreachable"})
+        )
+
+    def test_unknown_paths_are_404(self) -> None:
+        """Anything but the named paths is a JSON 404, including under /ws and /v1."""
+        for path in ("/", "/nope", "/v1", "/v1/nope", "/v1/tickets/x", "/ws/x", "/healthz/x"):
+            self.assertError(self.request("GET", path), 404, "not_found")
+
+    def test_methods(self) -> None:
+        """The API answers only its methods."""
+        r = self.request("GET", "/v1/tickets")
+        self.assertError(r, 405, "method_not_allowed")
+        self.assertEqual(r.headers[b"allow"], b"POST")
+        self.assertError(self.request("DELETE", "/healthz"), 405, "method_not_allowed")
+
+    def test_issue_ticket(self) -> None:
+        """A valid request gets a 201 with an opaque ticket and its expiry."""
+        r = self.request("POST", "/v1/tickets", {
+            "user": "alice", "client_ip": "203.0.113.7", "subscribe": ["news.*", "user.alice.>"],
+            "publish": ["chat.room1"], "ttl": 30,
+        })
+        self.assertEqual(r.status, 201, r.body)
+        body = r.json()
+        self.assertEqual(set(body), {"ticket", "expires_at"})
+        self.assertEqual(body["expires_at"], 1_000_030.0)
+        self.assertGreaterEqual(len(body["ticket"]), 43)
+        ticket = self.store.redeem(body["ticket"], "203.0.113.7").result
+        self.assertEqual(ticket.user, "alice")
+        self.assertEqual([p.text for p in ticket.subscribe], ["news.*", "user.alice.>"])
+        issued = [e for e in self.events if e.get("securepub_event") == "ticket_issued"]
+        self.assertEqual(len(issued), 1)
+        self.assertNotIn(body["ticket"], repr(self.events))
+
+    def test_ticket_defaults(self) -> None:
+        """ttl defaults to 30 and grants to nothing."""
+        body = self.request("POST", "/v1/tickets", {"user": "bob"}).json()
+        ticket = self.store.redeem(body["ticket"], "198.51.100.1").result
+        self.assertEqual((ticket.subscribe, ticket.publish, ticket.client_ip), ((), (), None))
+        self.assertEqual(ticket.expires_at, 1_000_030.0)
+
+    def test_bad_ticket_requests(self) -> None:
+        """Every malformed ticket request is 400 with the right code."""
+        cases: list[tuple[Any, str]] = [
+            ({"user": "a", "role": "admin"}, "bad_request"),
+            ({"client_ip": "203.0.113.7"}, "bad_request"),
+            ({"user": ""}, "bad_request"),
+            ({"user": "é" * 128}, "bad_request"),
+            ({"user": 5}, "bad_request"),
+            ({"user": "a", "ttl": 0}, "bad_request"),
+            ({"user": "a", "ttl": 301}, "bad_request"),
+            ({"user": "a", "ttl": "30"}, "bad_request"),
+            ({"user": "a", "ttl": True}, "bad_request"),
+            ({"user": "a", "ttl": 1.5}, "bad_request"),
+            ({"user": "a", "client_ip": "not-an-ip"}, "bad_request"),
+            ({"user": "a", "client_ip": None}, "bad_request"),
+            ({"user": "a", "subscribe": "news.*"}, "invalid_topic"),
+            ({"user": "a", "subscribe": ["news..x"]}, "invalid_topic"),
+            ({"user": "a", "publish": ["a.>.b"]}, "invalid_topic"),
+        ]
+        for body, code in cases:
+            self.assertError(self.request("POST", "/v1/tickets", body), 400, code)
+        for raw in (b'{"user": NaN}', b'{"user": "a", "user": "b"}', b"[1]", b"{", b"\xff"):
+            self.assertError(self.request("POST", "/v1/tickets", raw), 400, "bad_request")
+        self.assertEqual(self.request("POST", "/v1/tickets", {"user": "é" * 127}).status, 201)
+
+    def test_authentication(self) -> None:
+        """Missing, wrong or non-Bearer credentials are 401 and logged without the key."""
+        for key in (None, "wrong-key-wrong-key", KEY + "x", ""):
+            self.assertError(self.request("POST", "/v1/tickets", {"user": "a"}, key=key),
+                             401, "unauthorized")
+        r = self.request("POST", "/v1/tickets", {"user": "a"}, key=None,
+                         headers={"Authorization": f"Basic {KEY}"})
+        self.assertError(r, 401, "unauthorized")
+        refused = [e for e in self.events if e.get("securepub_event") == "api_auth_refused"]
+        self.assertEqual(len(refused), 5)
+        self.assertNotIn(KEY, repr(self.events))
+
+    def test_auth_failures_rate_limited(self) -> None:
+        """An address that keeps failing authentication is answered 429 for a while."""
+        for _ in range(20):
+            self.request("POST", "/v1/publish", {"topic": "a", "data": 1}, key="bad-key-123456789")
+        self.assertError(self.request("POST", "/v1/publish", {"topic": "a", "data": 1}),
+                         429, "rate_limited")
+        self.clock.advance(1)
+        self.assertEqual(self.request("POST", "/v1/publish", {"topic": "a", "data": 1}).status,
+                         202)
+
+    def test_content_type(self) -> None:
+        """Only application/json bodies are read (parameters allowed)."""
+        self.assertError(
+            self.request("POST", "/v1/publish", {"topic": "a", "data": 1},
+                         content_type="text/plain"), 415, "unsupported_media_type")
+        r = self.request("POST", "/v1/publish", {"topic": "a", "data": 1},
+                         content_type="application/json; charset=utf-8")
+        self.assertEqual(r.status, 202)
+
+    def test_publish(self) -> None:
+        """A backend publish is 202 with the id subscribers see."""
+        sub = RecordingSubscriber()
+        session = self.broker.open_session("u", Grants(subscribe=(Pattern.parse(">"),)), "ip", sub)
+        self.broker.subscribe(session, "news.sports")
+        r = self.request("POST", "/v1/publish", {"topic": "news.sports", "data": {"a": 1}})
+        self.assertEqual(r.status, 202)
+        self.assertEqual(json.loads(sub.sent[0])["id"], r.json()["id"])
+
+    def test_bad_publish(self) -> None:
+        """Publish bodies are checked like browser frames."""
+        cases: list[tuple[Any, str]] = [
+            ({"topic": "a"}, "bad_request"),
+            ({"data": 1}, "bad_request"),
+            ({"topic": "a", "data": 1, "x": 2}, "bad_request"),
+            ({"topic": 1, "data": 1}, "bad_request"),
+            ({"topic": "news.*", "data": 1}, "invalid_topic"),
+            ({"topic": "a", "data": [[[[[1]]]]]}, "invalid_payload"),
+            ({"topic": "a", "data": "x" * 1001}, "invalid_payload"),
+        ]
+        for body, code in cases:
+            self.assertError(self.request("POST", "/v1/publish", body), 400, code)
+
+    def test_declared_length_over_cap(self) -> None:
+        """A Content-Length over the cap is refused with 413 before any body arrives."""
+        head = (
+            "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: 10000000\r\n\r\n"
+        ).encode()
+        r = Response(self.raw(head))
+        self.assertError(r, 413, "too_large")
+
+    def test_chunked_body_over_cap(self) -> None:
+        """A chunked body is cut off with 413 as soon as it passes the cap."""
+        chunk = b"x" * 4096
+        data = (
+            "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        data += b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3))
+        r = Response(self.raw(data))
+        self.assertError(r, 413, "too_large")
+
+    def test_body_at_cap_is_read(self) -> None:
+        """A body just at the cap is read (and then judged on its content)."""
+        body = json.dumps({"topic": "a", "data": "x"}).encode()
+        body += b" " * (self.limits.max_frame_bytes - len(body))
+        self.assertEqual(self.request("POST", "/v1/publish", body).status, 202)
+
+    def test_access_log_drops_query(self) -> None:
+        """The access log never holds a query string (tickets travel in it)."""
+        self.request("GET", "/healthz?ticket=SECRET-TICKET-VALUE")
+        self.site.log(_Req())
+        self.assertNotIn("SECRET-TICKET-VALUE", repr(self.events))
+
+
+class _Req:
+    method = b"GET"
+    path = b"/ws"
+    uri = b"/ws?ticket=SECRET-TICKET-VALUE"
+    code = 101
+
+    def getClientAddress(self) -> IPv4Address:
+        return IPv4Address("TCP", "192.0.2.5", 1)
