@@ -66,8 +66,7 @@ def load_api_keys(path: str) -> ApiKeys:
             )
         if any(c <= 0x20 or c >= 0x7F for c in line):
             raise ConfigError(
-                f"api_key_file: {path} line {number}: key must be printable ASCII "
-                "without spaces"
+                f"api_key_file: {path} line {number}: key must be printable ASCII without spaces"
             )
         keys.append(line)
     if not keys:

@@ -49,11 +49,24 @@ class Grants:
 class Session:
     """One authenticated connection as the broker sees it."""
 
-    __slots__ = ("__weakref__", "bucket", "grants", "id", "peer", "subscriber", "subscriptions",
-                 "user")
+    __slots__ = (
+        "__weakref__",
+        "bucket",
+        "grants",
+        "id",
+        "peer",
+        "subscriber",
+        "subscriptions",
+        "user",
+    )
 
     def __init__(
-        self, id: str, user: str, grants: Grants, peer: str, subscriber: ISubscriber,
+        self,
+        id: str,
+        user: str,
+        grants: Grants,
+        peer: str,
+        subscriber: ISubscriber,
         bucket: TokenBucket,
     ) -> None:
         self.id = id
@@ -189,10 +202,15 @@ class Broker:
         if not targets:
             return 0
         frame = (
-            '{"op":"message","topic":' + jsonstrict.dumps(topic)
-            + ',"id":' + jsonstrict.dumps(message_id)
-            + ',"ts":' + repr(ts)
-            + ',"data":' + body + "}"
+            '{"op":"message","topic":'
+            + jsonstrict.dumps(topic)
+            + ',"id":'
+            + jsonstrict.dumps(message_id)
+            + ',"ts":'
+            + repr(ts)
+            + ',"data":'
+            + body
+            + "}"
         ).encode("utf-8")
         prepared = self._prepare(frame)
         for session in targets:

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         "it and a random API key. Existing files are never overwritten.",
     )
     certs.add_argument(
-        "--certs-dir", default="certs", metavar="DIR",
+        "--certs-dir",
+        default="certs",
+        metavar="DIR",
         help="where to write them (default: ./certs)",
     )
     certs.set_defaults(run=_certs)

@@ -120,7 +120,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         if not f.connections.acquire(peer):
             self._deny(429, "too_many_connections")
         self._counted_ip = peer
-        tokens = [p[len(TICKET_PREFIX):] for p in request.protocols if p.startswith(TICKET_PREFIX)]
+        tokens = [p[len(TICKET_PREFIX) :] for p in request.protocols if p.startswith(TICKET_PREFIX)]
         tokens += request.params.get("ticket", [])
         if not tokens:
             self._deny(401, "no_ticket")
@@ -128,9 +128,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             self._deny(400, "several_tickets")
         offered = SUBPROTOCOL in request.protocols
         d: Deferred[Ticket] = maybeDeferred(f.tickets.redeem, tokens[0], peer)
-        return d.addCallbacks(
-            self._redeemed, self._not_redeemed, callbackArgs=(offered,)
-        )
+        return d.addCallbacks(self._redeemed, self._not_redeemed, callbackArgs=(offered,))
 
     def _redeemed(self, ticket: Ticket, offered: bool) -> str | None:
         self._hs["user"] = ticket.user
@@ -170,9 +168,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             user_agent=hs.get("user_agent"),
         )
 
-    def failHandshake(
-        self, reason: str, code: int = 400, responseHeaders: Any = None
-    ) -> None:
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if not self._handshake_logged:
             # Refused by Autobahn itself (malformed request, bad version, ...).
             self._log_handshake("refused", code, "malformed_handshake")

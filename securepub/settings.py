@@ -20,8 +20,17 @@ DEFAULT_INTERFACE = "127.0.0.1"
 
 _TOP_KEYS = frozenset(
     {
-        "port", "interface", "cert", "key", "client_ca", "api_key_file", "redis",
-        "allowed_origins", "origin_policy", "limits", "topics",
+        "port",
+        "interface",
+        "cert",
+        "key",
+        "client_ca",
+        "api_key_file",
+        "redis",
+        "allowed_origins",
+        "origin_policy",
+        "limits",
+        "topics",
     }
 )
 _TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
@@ -159,7 +168,9 @@ def _topic_rules(items: object, base: str) -> tuple[TopicRule, ...]:
             schema = _load_schema(source, f"{where}.schema")
         rules.append(
             TopicRule(
-                pattern=pattern, schema=schema, client_publish=client_publish,
+                pattern=pattern,
+                schema=schema,
+                client_publish=client_publish,
                 schema_source=source,
             )
         )

@@ -23,8 +23,12 @@ class Options(usage.Options):
 
     synopsis = "[--dev | --config PATH] [options]"
     optFlags = [
-        ["dev", None, "Generate (once) development certificates and an API key under "
-         "./certs and allow https://localhost:PORT origins."],
+        [
+            "dev",
+            None,
+            "Generate (once) development certificates and an API key under "
+            "./certs and allow https://localhost:PORT origins.",
+        ],
     ]
     optParameters = [
         ["config", None, None, "TOML configuration file."],

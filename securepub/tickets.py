@@ -249,4 +249,3 @@ class MemoryTicketStore:
     def size(self) -> int:
         """Number of entries held (live tickets and tombstones)."""
         return len(self._live) + len(self._tombstones)
-

@@ -140,9 +140,7 @@ def _acceptable_ciphers() -> IAcceptableCiphers:
     """Our TLS 1.2 suites, intersected by Twisted with what this OpenSSL offers."""
     # Twisted ships this classmethod without annotations; adapting to the
     # interface gives mypy the type and checks the object at run time.
-    return IAcceptableCiphers(
-        AcceptableCiphers.fromOpenSSLCipherString(_TLS12_CIPHERS)
-    )
+    return IAcceptableCiphers(AcceptableCiphers.fromOpenSSLCipherString(_TLS12_CIPHERS))
 
 
 def server_context_factory(cert_path: str, key_path: str) -> CertificateOptions:

@@ -80,9 +80,7 @@ def _diagnose(text: object, kind: str, wildcards: bool) -> TopicError:
                     "only patterns may use wildcards"
                 )
             if segment == _TAIL and index != last:
-                return TopicError(
-                    f"{kind} {_quote(text)} uses '>' before the last segment"
-                )
+                return TopicError(f"{kind} {_quote(text)} uses '>' before the last segment")
             continue
         if _SEGMENT_RE.fullmatch(segment) is None:
             return TopicError(

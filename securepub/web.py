@@ -65,9 +65,7 @@ class CappedRequest(Request):
     def _refuse_too_large(self) -> None:
         self._too_large = True
         limit = _max_body(self)
-        body = (
-            b'{"error":"too_large","message":"the body is over the %d-byte limit"}' % limit
-        )
+        body = b'{"error":"too_large","message":"the body is over the %d-byte limit"}' % limit
         transport = self.channel.transport
         if transport is None:
             return

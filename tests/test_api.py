@@ -32,8 +32,7 @@ class Response:
         lines = head.split(b"\r\n")
         self.status = int(lines[0].split(b" ")[1])
         self.headers = {
-            k.strip().lower(): v.strip()
-            for k, _, v in (line.partition(b":") for line in lines[1:])
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])
         }
 
     def json(self) -> Any:
@@ -52,12 +51,14 @@ class ApiTests(SynchronousTestCase):
             self.broker, self.store, OriginPolicy([], True), self.limits, self.clock
         )
         self.site = SecurePubSite(
-            Root({
-                b"ws": WebSocketOnly(WebSocketResource(factory)),
-                b"healthz": Health(),
-                b"v1/tickets": TicketsResource(keys, self.clock, self.store),
-                b"v1/publish": PublishResource(keys, self.clock, self.broker),
-            }),
+            Root(
+                {
+                    b"ws": WebSocketOnly(WebSocketResource(factory)),
+                    b"healthz": Health(),
+                    b"v1/tickets": TicketsResource(keys, self.clock, self.store),
+                    b"v1/publish": PublishResource(keys, self.clock, self.broker),
+                }
+            ),
             max_body_bytes=self.limits.max_frame_bytes,
         )
         self.events: list[dict[str, Any]] = []
@@ -72,8 +73,12 @@ class ApiTests(SynchronousTestCase):
         return transport.value()
 
     def request(
-        self, method: str, path: str, body: bytes | dict[str, Any] | None = None,
-        key: str | None = KEY, content_type: str = "application/json",
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, Any] | None = None,
+        key: str | None = KEY,
+        content_type: str = "application/json",
         headers: dict[str, str] | None = None,
     ) -> Response:
         if isinstance(body, dict):
@@ -88,8 +93,7 @@ class ApiTests(SynchronousTestCase):
         return Response(self.raw(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")))
 
     def assertError(self, response: Response, status: int, code: str) -> None:
-        self.assertEqual((response.status, response.json()["error"]), (status, code),
-                         response.body)
+        self.assertEqual((response.status, response.json()["error"]), (status, code), response.body)
         self.assertIsInstance(response.json()["message"], str)
         self.assertNotIn(KEY.encode(), response.body)
 
@@ -123,10 +127,17 @@ class ApiTests(SynchronousTestCase):
 
     def test_issue_ticket(self) -> None:
         """A valid request gets a 201 with an opaque ticket and its expiry."""
-        r = self.request("POST", "/v1/tickets", {
-            "user": "alice", "client_ip": "203.0.113.7", "subscribe": ["news.*", "user.alice.>"],
-            "publish": ["chat.room1"], "ttl": 30,
-        })
+        r = self.request(
+            "POST",
+            "/v1/tickets",
+            {
+                "user": "alice",
+                "client_ip": "203.0.113.7",
+                "subscribe": ["news.*", "user.alice.>"],
+                "publish": ["chat.room1"],
+                "ttl": 30,
+            },
+        )
         self.assertEqual(r.status, 201, r.body)
         body = r.json()
         self.assertEqual(set(body), {"ticket", "expires_at"})
@@ -174,10 +185,16 @@ class ApiTests(SynchronousTestCase):
     def test_authentication(self) -> None:
         """Missing, wrong or non-Bearer credentials are 401 and logged without the key."""
         for key in (None, "wrong-key-wrong-key", KEY + "x", ""):
-            self.assertError(self.request("POST", "/v1/tickets", {"user": "a"}, key=key),
-                             401, "unauthorized")
-        r = self.request("POST", "/v1/tickets", {"user": "a"}, key=None,
-                         headers={"Authorization": f"Basic {KEY}"})
+            self.assertError(
+                self.request("POST", "/v1/tickets", {"user": "a"}, key=key), 401, "unauthorized"
+            )
+        r = self.request(
+            "POST",
+            "/v1/tickets",
+            {"user": "a"},
+            key=None,
+            headers={"Authorization": f"Basic {KEY}"},
+        )
         self.assertError(r, 401, "unauthorized")
         refused = [e for e in self.events if e.get("securepub_event") == "api_auth_refused"]
         self.assertEqual(len(refused), 5)
@@ -187,19 +204,27 @@ class ApiTests(SynchronousTestCase):
         """An address that keeps failing authentication is answered 429 for a while."""
         for _ in range(20):
             self.request("POST", "/v1/publish", {"topic": "a", "data": 1}, key="bad-key-123456789")
-        self.assertError(self.request("POST", "/v1/publish", {"topic": "a", "data": 1}),
-                         429, "rate_limited")
+        self.assertError(
+            self.request("POST", "/v1/publish", {"topic": "a", "data": 1}), 429, "rate_limited"
+        )
         self.clock.advance(1)
-        self.assertEqual(self.request("POST", "/v1/publish", {"topic": "a", "data": 1}).status,
-                         202)
+        self.assertEqual(self.request("POST", "/v1/publish", {"topic": "a", "data": 1}).status, 202)
 
     def test_content_type(self) -> None:
         """Only application/json bodies are read (parameters allowed)."""
         self.assertError(
-            self.request("POST", "/v1/publish", {"topic": "a", "data": 1},
-                         content_type="text/plain"), 415, "unsupported_media_type")
-        r = self.request("POST", "/v1/publish", {"topic": "a", "data": 1},
-                         content_type="application/json; charset=utf-8")
+            self.request(
+                "POST", "/v1/publish", {"topic": "a", "data": 1}, content_type="text/plain"
+            ),
+            415,
+            "unsupported_media_type",
+        )
+        r = self.request(
+            "POST",
+            "/v1/publish",
+            {"topic": "a", "data": 1},
+            content_type="application/json; charset=utf-8",
+        )
         self.assertEqual(r.status, 202)
 
     def test_publish(self) -> None:

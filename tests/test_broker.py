@@ -102,8 +102,13 @@ class BrokerTests(SynchronousTestCase):
         frame = json.loads(sub_a.sent[0])
         self.assertEqual(
             frame,
-            {"op": "message", "topic": "news.sports", "id": message_id, "ts": 1000.0,
-             "data": {"score": [1, 2]}},
+            {
+                "op": "message",
+                "topic": "news.sports",
+                "id": message_id,
+                "ts": 1000.0,
+                "data": {"score": [1, 2]},
+            },
         )
 
     def test_publisher_gets_own_message_only_if_subscribed(self) -> None:

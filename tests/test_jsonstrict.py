@@ -53,7 +53,7 @@ BAD_REQUEST = [
     '"\\ud800"',  # escaped lone surrogate
     '{"\\udc00":1}',  # ... in a key
     '["ok","\\uDBFF"]',
-    "\"\ud800\"",  # raw lone surrogate in a str
+    '"\ud800"',  # raw lone surrogate in a str
     "1" * 5000,  # more digits than Python converts
 ]
 

@@ -43,8 +43,9 @@ class _Transport(StringTransport):
 class Harness:
     """A factory on a Clock, with helpers to open connections over StringTransport."""
 
-    def __init__(self, test: SynchronousTestCase, limits: Limits | None = None,
-                 enforce: bool = True) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, limits: Limits | None = None, enforce: bool = True
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
         self.limits = limits or Limits(max_errors=5, max_connections_per_ip=2)
@@ -63,11 +64,17 @@ class Harness:
         loop.__enter__()
         test.addCleanup(loop.__exit__, None, None, None)
 
-    def ticket(self, user: str = "alice", client_ip: str | None = PEER, ttl: float = 30,
-               subscribe: tuple[str, ...] = ("chat.*",),
-               publish: tuple[str, ...] = ("chat.*",)) -> str:
+    def ticket(
+        self,
+        user: str = "alice",
+        client_ip: str | None = PEER,
+        ttl: float = 30,
+        subscribe: tuple[str, ...] = ("chat.*",),
+        publish: tuple[str, ...] = ("chat.*",),
+    ) -> str:
         t = Ticket(
-            user=user, client_ip=client_ip,
+            user=user,
+            client_ip=client_ip,
             subscribe=tuple(Pattern.parse(p) for p in subscribe),
             publish=tuple(Pattern.parse(p) for p in publish),
             expires_at=self.clock.seconds() + ttl,
@@ -116,7 +123,7 @@ class Connection:
     def messages(self) -> list[dict[str, Any]]:
         """New text frames since the last call, parsed."""
         frames = [f for f in self.frames() if f[0] == 1]
-        new = frames[self._seen:]
+        new = frames[self._seen :]
         self._seen = len(frames)
         return [json.loads(p) for _, p in new]
 
@@ -140,8 +147,9 @@ class HandshakeTests(SynchronousTestCase):
     def test_accepted_by_subprotocol(self) -> None:
         """A valid ticket in the subprotocol is accepted; only securepub.v1 is echoed."""
         token = self.h.ticket()
-        conn = self.h.connect(handshake(protocols=["securepub.v1", "ticket." + token],
-                                        origin=ORIGIN))
+        conn = self.h.connect(
+            handshake(protocols=["securepub.v1", "ticket." + token], origin=ORIGIN)
+        )
         self.assertEqual(conn.status(), 101)
         self.assertIn(b"Sec-WebSocket-Protocol: securepub.v1\r\n", conn.head())
         self.assertNotIn(token.encode(), conn.transport.value())
@@ -149,15 +157,22 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual((welcome["op"], welcome["user"]), ("welcome", "alice"))
         [event] = self.handshakes()
         self.assertEqual(
-            (event["outcome"], event["status"], event["user"], event["origin"], event["peer"],
-             event["user_agent"]),
+            (
+                event["outcome"],
+                event["status"],
+                event["user"],
+                event["origin"],
+                event["peer"],
+                event["user_agent"],
+            ),
             ("accepted", 101, "alice", ORIGIN, PEER, "test-agent/1.0"),
         )
 
     def test_accepted_by_query(self) -> None:
         """The ticket may travel as a query parameter instead."""
-        conn = self.h.connect(handshake(path="/ws?ticket=" + self.h.ticket(),
-                                        protocols=["securepub.v1"]))
+        conn = self.h.connect(
+            handshake(path="/ws?ticket=" + self.h.ticket(), protocols=["securepub.v1"])
+        )
         self.assertEqual(conn.status(), 101)
 
     def test_no_subprotocol_offered(self) -> None:
@@ -181,8 +196,12 @@ class HandshakeTests(SynchronousTestCase):
         self.h.clock.advance(1)
         # The expired one goes first: the store purges expired entries lazily,
         # after which they read as unknown (the client sees 403 either way).
-        cases = [(expired, "ticket_expired"), ("A" * 43, "ticket_unknown"),
-                 (used, "ticket_already_redeemed"), (wrong_ip, "ticket_wrong_ip")]
+        cases = [
+            (expired, "ticket_expired"),
+            ("A" * 43, "ticket_unknown"),
+            (used, "ticket_already_redeemed"),
+            (wrong_ip, "ticket_wrong_ip"),
+        ]
         for token, reason in cases:
             self.events.clear()
             conn = self.h.connect(handshake(protocols=["securepub.v1", "ticket." + token]))
@@ -196,8 +215,8 @@ class HandshakeTests(SynchronousTestCase):
         """A ticket presented from the wrong address can't be used afterwards."""
         token = self.h.ticket()
         self.assertEqual(
-            self.h.connect(handshake(protocols=["ticket." + token]), "198.51.100.1").status(),
-            403)
+            self.h.connect(handshake(protocols=["ticket." + token]), "198.51.100.1").status(), 403
+        )
         self.assertEqual(self.h.connect(handshake(protocols=["ticket." + token])).status(), 403)
 
     def test_origin_enforced_before_ticket(self) -> None:
@@ -206,8 +225,9 @@ class HandshakeTests(SynchronousTestCase):
         for origin in ("https://evil.example", "null", "https://app.example.com:8443"):
             conn = self.h.connect(handshake(protocols=["ticket." + token], origin=origin))
             self.assertEqual(conn.status(), 403, origin)
-        ok = self.h.connect(handshake(protocols=["ticket." + token],
-                                      origin="https://APP.example.com:443"))
+        ok = self.h.connect(
+            handshake(protocols=["ticket." + token], origin="https://APP.example.com:443")
+        )
         self.assertEqual(ok.status(), 101)
 
     def test_origin_log_mode(self) -> None:
@@ -279,24 +299,29 @@ class MessageTests(SynchronousTestCase):
         [reply] = self.conn.messages()
         return reply
 
-    def assertError(self, payload: bytes | str | dict[str, Any], code: str,
-                    message_id: Any = None) -> None:
+    def assertError(
+        self, payload: bytes | str | dict[str, Any], code: str, message_id: Any = None
+    ) -> None:
         reply = self.reply(payload)
-        self.assertEqual((reply["op"], reply["code"], reply["id"]), ("error", code, message_id),
-                         payload)
+        self.assertEqual(
+            (reply["op"], reply["code"], reply["id"]), ("error", code, message_id), payload
+        )
         self.assertIsInstance(reply["message"], str)
 
     def test_subscribe_publish_round_trip(self) -> None:
         """Subscribe, publish, receive; ids are echoed."""
-        self.assertEqual(self.reply({"op": "subscribe", "id": 1, "topic": "chat.a"}),
-                         {"op": "ok", "id": 1})
+        self.assertEqual(
+            self.reply({"op": "subscribe", "id": 1, "topic": "chat.a"}), {"op": "ok", "id": 1}
+        )
         self.conn.send({"op": "publish", "id": "p", "topic": "chat.a", "data": {"x": 1}})
         message, ok = self.conn.messages()
         self.assertEqual(ok, {"op": "ok", "id": "p"})
-        self.assertEqual((message["op"], message["topic"], message["data"]),
-                         ("message", "chat.a", {"x": 1}))
-        self.assertEqual(self.reply({"op": "unsubscribe", "id": 2, "topic": "chat.a"}),
-                         {"op": "ok", "id": 2})
+        self.assertEqual(
+            (message["op"], message["topic"], message["data"]), ("message", "chat.a", {"x": 1})
+        )
+        self.assertEqual(
+            self.reply({"op": "unsubscribe", "id": 2, "topic": "chat.a"}), {"op": "ok", "id": 2}
+        )
 
     def test_bad_frames(self) -> None:
         """Every malformed frame is answered with bad_request and the connection stays."""
@@ -330,8 +355,11 @@ class MessageTests(SynchronousTestCase):
         """Topic, grant and payload problems get their own codes."""
         self.assertError({"op": "subscribe", "id": 1, "topic": "chat..a"}, "invalid_topic", 1)
         self.assertError({"op": "subscribe", "id": 2, "topic": "news.a"}, "forbidden", 2)
-        self.assertError({"op": "publish", "id": 3, "topic": "chat.a", "data": [[[[[[[[[1]]]]]]]]]},
-                         "invalid_payload", 3)
+        self.assertError(
+            {"op": "publish", "id": 3, "topic": "chat.a", "data": [[[[[[[[[1]]]]]]]]]},
+            "invalid_payload",
+            3,
+        )
 
     def test_max_errors_closes_with_1008(self) -> None:
         """After max_errors error replies the connection is closed with 1008."""

@@ -30,7 +30,9 @@ class SettingsTests(SynchronousTestCase):
 
     def options(self, **extra: object) -> dict[str, object]:
         base: dict[str, object] = {
-            "cert": "server.pem", "key": "server.key", "api-key-file": "keys",
+            "cert": "server.pem",
+            "key": "server.key",
+            "api-key-file": "keys",
         }
         base.update(extra)
         return base
@@ -86,9 +88,7 @@ class SettingsTests(SynchronousTestCase):
     def test_dev_adds_local_origins(self) -> None:
         """--dev allows https://localhost:PORT and https://127.0.0.1:PORT."""
         s = load_settings(self.options(dev=True, port="9000"), self.dir)
-        self.assertEqual(
-            s.allowed_origins, ("https://localhost:9000", "https://127.0.0.1:9000")
-        )
+        self.assertEqual(s.allowed_origins, ("https://localhost:9000", "https://127.0.0.1:9000"))
 
     def test_bad_values_name_the_key(self) -> None:
         """Each bad value stops the start with one line naming the key."""
@@ -105,7 +105,7 @@ class SettingsTests(SynchronousTestCase):
         cases = {
             "bogus = 1\n": "bogus",
             'origin_policy = "maybe"\n': "origin_policy",
-            "allowed_origins = \"https://a\"\n": "allowed_origins",
+            'allowed_origins = "https://a"\n': "allowed_origins",
             "[limits]\nmax_json_depth = 0\n": "limits.max_json_depth",
             "[limits]\nmax_errors = true\n": "limits.max_errors",
             "[limits]\nmax_connections = 5\n": "max_connections",

@@ -196,8 +196,13 @@ def test_rule_cache_is_bounded() -> None:
         ({"properties": {"a": {"$ref": "other.json"}}}, "cannot resolve $ref"),
         ({"$ref": "https://example.com/schema.json"}, "cannot resolve $ref"),
         ({"$ref": "#"}, "loop"),
-        ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
-         "loop"),
+        (
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                "$ref": "#/$defs/a",
+            },
+            "loop",
+        ),
         ({"$schema": "http://json-schema.org/draft-07/schema#"}, "only draft 2020-12"),
     ],
 )
