@@ -62,7 +62,10 @@ class Node:
         # An HTTP connection idle this long is closed (Twisted's default is 12
         # hours); it also bounds a TLS or HTTP handshake that never completes.
         self.site = SecurePubSite(
-            Root(routes), max_body_bytes=limits.max_frame_bytes, timeout=HTTP_IDLE_TIMEOUT
+            Root(routes),
+            max_body_bytes=limits.max_frame_bytes,
+            timeout=HTTP_IDLE_TIMEOUT,
+            reactor=reactor,
         )
 
     def _prepare(self, frame: bytes) -> Any:

@@ -60,6 +60,7 @@ class ApiTests(SynchronousTestCase):
                 }
             ),
             max_body_bytes=self.limits.max_frame_bytes,
+            reactor=self.clock,
         )
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
