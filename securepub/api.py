@@ -271,9 +271,9 @@ class PublishResource(BackendResource):
         super().__init__(api_keys, clock)
         self._broker = broker
 
-    def handle(self, request: Request, body: dict[str, Any]) -> bytes:
+    def handle(self, request: Request, body: dict[str, Any]) -> Deferred[bytes]:
         _check_fields(body, _PUBLISH_FIELDS, ("topic", "data"))
         if not isinstance(body["topic"], str):
             raise RequestError("bad_request", "'topic' must be a string")
-        message_id = self._broker.publish(body["topic"], body["data"])
-        return respond(request, 202, {"id": message_id})
+        d = self._broker.publish(body["topic"], body["data"])
+        return d.addCallback(lambda message_id: respond(request, 202, {"id": message_id}))

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from securepub import jsonstrict
 from securepub.errors import RequestError
+from securepub.fanout import IFanout, LocalFanout
 from securepub.ratelimit import TokenBucket
 from securepub.settings import Limits
 from securepub.topics import Pattern, SubscriptionIndex, covered_by_any, validate_topic
@@ -104,12 +106,18 @@ class Broker:
         clock: IReactorTime,
         prepare: Callable[[bytes], Any] = _identity,
         node_id: str | None = None,
+        fanout: IFanout | None = None,
     ) -> None:
         self._validator = validator
         self._limits = limits
         self._clock = clock
         self._prepare = prepare
-        self._node = node_id or secrets.token_hex(4)
+        # Message ids must be unique across nodes: 48 random bits per node.
+        self._node = node_id or secrets.token_hex(6)
+        self._fanout: IFanout = fanout if fanout is not None else LocalFanout()
+        self._fanout.start(self.deliver)
+        #: pattern text -> number of local sessions subscribed to it
+        self._interest: dict[str, int] = {}
         self._message_numbers = count(1)
         self._session_numbers = count(1)
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
@@ -139,6 +147,7 @@ class Broker:
             return
         for pattern in session.subscriptions.values():
             self._index.remove(pattern, session)
+            self._lose_interest(pattern)
         session.subscriptions.clear()
 
     # -- subscriptions ----------------------------------------------------
@@ -157,16 +166,28 @@ class Broker:
             )
         session.subscriptions[pattern.text] = pattern
         self._index.add(pattern, session)
+        count = self._interest.get(pattern.text, 0)
+        self._interest[pattern.text] = count + 1
+        if count == 0:
+            self._fanout.watch(pattern)
 
     def unsubscribe(self, session: Session, topic: object) -> None:
         """Drop a subscription; dropping one not held is not an error."""
         pattern = Pattern.parse(topic)
         if session.subscriptions.pop(pattern.text, None) is not None:
             self._index.remove(pattern, session)
+            self._lose_interest(pattern)
+
+    def _lose_interest(self, pattern: Pattern) -> None:
+        count = self._interest.pop(pattern.text) - 1
+        if count:
+            self._interest[pattern.text] = count
+        else:
+            self._fanout.unwatch(pattern)
 
     # -- publishing -------------------------------------------------------
 
-    def client_publish(self, session: Session, topic: object, data: Any) -> str:
+    def client_publish(self, session: Session, topic: object, data: Any) -> Deferred[str]:
         """Publish for a browser: rate, grant and ``client_publish`` rule apply."""
         if not session.bucket.take():
             raise RequestError(
@@ -181,15 +202,21 @@ class Broker:
             self._refuse(session, "publish", name, "no topic rule allows browsers to publish")
         return self._publish(name, data)
 
-    def publish(self, topic: object, data: Any) -> str:
+    def publish(self, topic: object, data: Any) -> Deferred[str]:
         """Publish for an authenticated backend: any valid topic, same payload checks."""
         return self._publish(validate_topic(topic), data)
 
-    def _publish(self, topic: str, data: Any) -> str:
+    def _publish(self, topic: str, data: Any) -> Deferred[str]:
+        """Validate once, number, and hand to the fan-out engine.
+
+        Checks raise `RequestError` synchronously; the Deferred fires with
+        the message id once the engine has taken the message, or fails with
+        ``unavailable`` when it could not (nothing was published).
+        """
         body = self._validator.validate(topic, data)
         message_id = f"{self._node}-{next(self._message_numbers)}"
-        self.deliver(topic, message_id, self._clock.seconds(), body)
-        return message_id
+        d = self._fanout.publish(topic, message_id, self._clock.seconds(), body)
+        return d.addCallback(lambda _: message_id)
 
     def deliver(self, topic: str, message_id: str, ts: float, body: str) -> int:
         """Frame a validated message once and hand it to every local subscriber.

@@ -203,7 +203,10 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             elif op == "unsubscribe":
                 broker.unsubscribe(session, message["topic"])
             else:
-                broker.client_publish(session, message["topic"], message["data"])
+                d = broker.client_publish(session, message["topic"], message["data"])
+                d.addCallback(self._published, message_id)
+                d.addErrback(self._not_published, message_id)
+                return
         except RequestError as e:
             self._error(message_id, e.code, e.message)
         except Exception:  # noqa: BLE001 - a bug must cost one reply, not the connection
@@ -211,6 +214,16 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             self._error(message_id, "unavailable", "internal error; nothing was done")
         else:
             self._send_json({"op": "ok", "id": message_id})
+
+    def _published(self, _: str, message_id: int | str) -> None:
+        self._send_json({"op": "ok", "id": message_id})
+
+    def _not_published(self, failure: Failure, message_id: int | str) -> None:
+        if isinstance(failure.value, RequestError):
+            self._error(message_id, failure.value.code, failure.value.message)
+            return
+        self._log.failure("publish failed", failure)
+        self._error(message_id, "unavailable", "internal error; nothing was published")
 
     def _error(self, message_id: int | str | None, code: str, message: str) -> None:
         self._send_json({"op": "error", "id": message_id, "code": code, "message": message})

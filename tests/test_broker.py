@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from securepub.broker import Broker, Grants, ISubscriber, RecordingSubscriber, Session
 from securepub.errors import RequestError
+from securepub.fanout import IFanout, LocalFanout
 from securepub.settings import Limits
 from securepub.topics import Pattern
 from securepub.validation import PayloadValidator, TopicRule
@@ -95,7 +98,7 @@ class BrokerTests(SynchronousTestCase):
         for topic in ("news.sports", "news.*", "news.>"):
             self.broker.subscribe(a, topic)
         self.broker.subscribe(b, "news.sports")
-        message_id = self.broker.publish("news.sports", {"score": [1, 2]})
+        message_id = self.successResultOf(self.broker.publish("news.sports", {"score": [1, 2]}))
         self.assertEqual(len(prepared), 1)
         self.assertEqual(len(sub_a.sent), 1)
         self.assertEqual(sub_a.sent, sub_b.sent)
@@ -180,5 +183,77 @@ class BrokerTests(SynchronousTestCase):
 
     def test_message_ids_unique(self) -> None:
         """Each publish gets a new id."""
-        ids = {self.broker.publish("a", i) for i in range(100)}
+        ids = {self.successResultOf(self.broker.publish("a", i)) for i in range(100)}
         self.assertEqual(len(ids), 100)
+
+
+@implementer(IFanout)
+class RecordingFanout:
+    """A fan-out engine that records calls and answers with Deferreds the test fires."""
+
+    def __init__(self) -> None:
+        self.watched: list[str] = []
+        self.published: list[tuple[str, str, float, str]] = []
+        self.pending: list[Deferred[None]] = []
+
+    def start(self, deliver: Any) -> None:
+        self.deliver = deliver
+
+    def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
+        self.published.append((topic, message_id, ts, body))
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def watch(self, pattern: Pattern) -> None:
+        self.watched.append("+" + pattern.text)
+
+    def unwatch(self, pattern: Pattern) -> None:
+        self.watched.append("-" + pattern.text)
+
+
+class FanoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fanout = RecordingFanout()
+        limits = Limits()
+        self.broker = Broker(PayloadValidator(1000, 8, ()), limits, self.clock, fanout=self.fanout)
+
+    def test_interfaces(self) -> None:
+        """Both engines provide IFanout."""
+        verifyObject(IFanout, LocalFanout())
+        verifyObject(IFanout, self.fanout)
+
+    def test_interest_follows_first_and_last_subscriber(self) -> None:
+        """The engine hears of a pattern when its first local subscriber comes and last goes."""
+        g = grants(subscribe=(">",))
+        a = self.broker.open_session("a", g, "ip", RecordingSubscriber())
+        b = self.broker.open_session("b", g, "ip", RecordingSubscriber())
+        self.broker.subscribe(a, "news.*")
+        self.broker.subscribe(b, "news.*")
+        self.broker.subscribe(a, "news.*")
+        self.broker.subscribe(b, "x")
+        self.broker.unsubscribe(a, "news.*")
+        self.assertEqual(self.fanout.watched, ["+news.*", "+x"])
+        self.broker.close_session(b)
+        self.assertEqual(self.fanout.watched, ["+news.*", "+x", "-news.*", "-x"])
+
+    def test_publish_waits_for_the_engine(self) -> None:
+        """The id is returned once the engine took the message; its failure is ours."""
+        d = self.broker.publish("news.a", {"k": 1})
+        self.assertNoResult(d)
+        [(topic, message_id, _, body)] = self.fanout.published
+        self.assertEqual((topic, body), ("news.a", '{"k":1}'))
+        self.fanout.pending[0].callback(None)
+        self.assertEqual(self.successResultOf(d), message_id)
+        d2 = self.broker.publish("news.a", 2)
+        self.fanout.pending[1].errback(RequestError("unavailable", "engine down"))
+        self.assertEqual(self.failureResultOf(d2, RequestError).value.code, "unavailable")
+
+    def test_engine_delivers_through_broker(self) -> None:
+        """Messages coming back from the engine reach local subscribers once."""
+        sub = RecordingSubscriber()
+        s = self.broker.open_session("a", grants(subscribe=(">",)), "ip", sub)
+        self.broker.subscribe(s, "news.*")
+        self.fanout.deliver("news.a", "n-1", 5.0, "[1]")
+        self.assertEqual(json.loads(sub.sent[0])["data"], [1])
