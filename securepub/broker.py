@@ -116,8 +116,6 @@ class Broker:
         self._node = node_id or secrets.token_hex(6)
         self._fanout: IFanout = fanout if fanout is not None else LocalFanout()
         self._fanout.start(self.deliver)
-        #: pattern text -> number of local sessions subscribed to it
-        self._interest: dict[str, int] = {}
         self._message_numbers = count(1)
         self._session_numbers = count(1)
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
@@ -147,7 +145,6 @@ class Broker:
             return
         for pattern in session.subscriptions.values():
             self._index.remove(pattern, session)
-            self._lose_interest(pattern)
         session.subscriptions.clear()
 
     # -- subscriptions ----------------------------------------------------
@@ -166,24 +163,12 @@ class Broker:
             )
         session.subscriptions[pattern.text] = pattern
         self._index.add(pattern, session)
-        count = self._interest.get(pattern.text, 0)
-        self._interest[pattern.text] = count + 1
-        if count == 0:
-            self._fanout.watch(pattern)
 
     def unsubscribe(self, session: Session, topic: object) -> None:
         """Drop a subscription; dropping one not held is not an error."""
         pattern = Pattern.parse(topic)
         if session.subscriptions.pop(pattern.text, None) is not None:
             self._index.remove(pattern, session)
-            self._lose_interest(pattern)
-
-    def _lose_interest(self, pattern: Pattern) -> None:
-        count = self._interest.pop(pattern.text) - 1
-        if count:
-            self._interest[pattern.text] = count
-        else:
-            self._fanout.unwatch(pattern)
 
     # -- publishing -------------------------------------------------------
 

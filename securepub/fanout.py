@@ -7,8 +7,6 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
-from securepub.topics import Pattern
-
 #: ``deliver(topic, message_id, ts, body)``: hands a message to this node's sessions.
 Deliver = Callable[[str, str, float, str], object]
 
@@ -18,8 +16,7 @@ class IFanout(Interface):
 
     The broker validates and numbers a message once, then hands it here;
     the engine brings it back to ``deliver`` on every node, this one
-    included. ``watch``/``unwatch`` tell it which patterns this node's
-    sessions subscribe to, so it need not carry what nobody here wants.
+    included, where the broker's subscription index picks the sessions.
     """
 
     def start(deliver: Deliver) -> None:
@@ -28,12 +25,6 @@ class IFanout(Interface):
     def publish(topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
         """Send a message; errbacks with ``RequestError("unavailable", ...)``
         when the engine cannot take it (nothing was published then)."""
-
-    def watch(pattern: Pattern) -> None:
-        """The first local subscription to ``pattern`` was made."""
-
-    def unwatch(pattern: Pattern) -> None:
-        """The last local subscription to ``pattern`` was dropped."""
 
 
 @implementer(IFanout)
@@ -50,9 +41,3 @@ class LocalFanout:
         assert self._deliver is not None, "start() was not called"
         self._deliver(topic, message_id, ts, body)
         return succeed(None)
-
-    def watch(self, pattern: Pattern) -> None:
-        pass
-
-    def unwatch(self, pattern: Pattern) -> None:
-        pass

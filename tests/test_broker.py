@@ -192,7 +192,6 @@ class RecordingFanout:
     """A fan-out engine that records calls and answers with Deferreds the test fires."""
 
     def __init__(self) -> None:
-        self.watched: list[str] = []
         self.published: list[tuple[str, str, float, str]] = []
         self.pending: list[Deferred[None]] = []
 
@@ -204,12 +203,6 @@ class RecordingFanout:
         d: Deferred[None] = Deferred()
         self.pending.append(d)
         return d
-
-    def watch(self, pattern: Pattern) -> None:
-        self.watched.append("+" + pattern.text)
-
-    def unwatch(self, pattern: Pattern) -> None:
-        self.watched.append("-" + pattern.text)
 
 
 class FanoutTests(SynchronousTestCase):
@@ -223,20 +216,6 @@ class FanoutTests(SynchronousTestCase):
         """Both engines provide IFanout."""
         verifyObject(IFanout, LocalFanout())
         verifyObject(IFanout, self.fanout)
-
-    def test_interest_follows_first_and_last_subscriber(self) -> None:
-        """The engine hears of a pattern when its first local subscriber comes and last goes."""
-        g = grants(subscribe=(">",))
-        a = self.broker.open_session("a", g, "ip", RecordingSubscriber())
-        b = self.broker.open_session("b", g, "ip", RecordingSubscriber())
-        self.broker.subscribe(a, "news.*")
-        self.broker.subscribe(b, "news.*")
-        self.broker.subscribe(a, "news.*")
-        self.broker.subscribe(b, "x")
-        self.broker.unsubscribe(a, "news.*")
-        self.assertEqual(self.fanout.watched, ["+news.*", "+x"])
-        self.broker.close_session(b)
-        self.assertEqual(self.fanout.watched, ["+news.*", "+x", "-news.*", "-x"])
 
     def test_publish_waits_for_the_engine(self) -> None:
         """The id is returned once the engine took the message; its failure is ours."""
