@@ -12,8 +12,12 @@ from twisted.logger import Logger
 
 from securepub.api import Health, PublishResource, TicketsResource
 from securepub.broker import Broker
+from securepub.fanout import IFanout, LocalFanout
 from securepub.origin import OriginPolicy
 from securepub.protocol import SecurePubFactory
+from securepub.redisfanout import CHANNEL, RedisFanout
+from securepub.redislink import RedisLink
+from securepub.redistickets import RedisTicketStore
 from securepub.settings import Settings
 from securepub.tickets import ITicketStore, MemoryTicketStore
 from securepub.tls import server_context_factory
@@ -42,10 +46,27 @@ class Node:
         self.validator = PayloadValidator(
             limits.max_message_bytes, limits.max_json_depth, settings.topics
         )
-        self.tickets: ITicketStore = MemoryTicketStore(reactor)
+        self.redis_links: list[RedisLink] = []
+        fanout: IFanout
+        if settings.redis is None:
+            self.tickets: ITicketStore = MemoryTicketStore(reactor)
+            fanout = LocalFanout()
+        else:
+            commands = RedisLink(reactor, settings.redis, "commands")
+            redis_fanout = RedisFanout(commands, max_body_bytes=limits.max_frame_bytes)
+            messages = RedisLink(
+                reactor,
+                settings.redis,
+                "messages",
+                channel=CHANNEL,
+                on_message=redis_fanout.received,
+            )
+            self.redis_links = [commands, messages]
+            self.tickets = RedisTicketStore(commands, reactor)
+            fanout = redis_fanout
         # The broker frames messages with the factory's prepareMessage (looked
         # up at call time, see _prepare), so it can be built first.
-        self.broker = Broker(self.validator, limits, reactor, prepare=self._prepare)
+        self.broker = Broker(self.validator, limits, reactor, prepare=self._prepare, fanout=fanout)
         self.factory = SecurePubFactory(
             broker=self.broker,
             tickets=self.tickets,
@@ -55,7 +76,7 @@ class Node:
         )
         routes = {
             b"ws": WebSocketOnly(WebSocketResource(self.factory)),
-            b"healthz": Health(),
+            b"healthz": Health(self.health_problem),
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
         }
@@ -67,6 +88,17 @@ class Node:
             timeout=HTTP_IDLE_TIMEOUT,
             reactor=reactor,
         )
+
+    def services(self) -> list[RedisLink]:
+        """Services to run beside the listener (the Redis links, when clustered)."""
+        return list(self.redis_links)
+
+    def health_problem(self) -> str | None:
+        """Why this node cannot serve now, or None (``/healthz``)."""
+        down = [link.role for link in self.redis_links if not link.is_connected()]
+        if down:
+            return "redis unreachable (" + ", ".join(down) + " link down)"
+        return None
 
     def _prepare(self, frame: bytes) -> Any:
         return self.factory.prepareMessage(frame)
@@ -92,7 +124,10 @@ class Node:
         )
 
     def listen(self) -> Deferred[IListeningPort]:
-        """Open the TLS port (tests and embedding; twistd uses `endpoint`)."""
+        """Start the Redis links and open the TLS port (tests and embedding;
+        twistd runs `services` and `endpoint` as services instead)."""
         self.log_warnings()
+        for link in self.redis_links:
+            link.startService()
         d: Deferred[IListeningPort] = self.endpoint().listen(self.site)
         return d

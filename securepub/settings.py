@@ -12,6 +12,7 @@ from typing import Any
 from securepub import jsonstrict
 from securepub.apikeys import ApiKeys, load_api_keys
 from securepub.errors import ConfigError, RequestError
+from securepub.redislink import RedisTarget
 from securepub.topics import Pattern
 from securepub.validation import TopicRule
 
@@ -27,6 +28,7 @@ _TOP_KEYS = frozenset(
         "client_ca",
         "api_key_file",
         "redis",
+        "redis_ca",
         "allowed_origins",
         "origin_policy",
         "limits",
@@ -34,7 +36,17 @@ _TOP_KEYS = frozenset(
     }
 )
 _TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
-_PATH_KEYS = ("cert", "key", "client_ca", "api_key_file")
+_PATH_KEYS = ("cert", "key", "client_ca", "api_key_file", "redis_ca")
+_OPTION_KEYS = (
+    "port",
+    "interface",
+    "cert",
+    "key",
+    "client_ca",
+    "api_key_file",
+    "redis",
+    "redis_ca",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +93,7 @@ class Settings:
     topics: tuple[TopicRule, ...] = ()
     dev: bool = False
     client_ca: str | None = None
-    redis: str | None = None
+    redis: RedisTarget | None = None
 
     @property
     def enforce_origin(self) -> bool:
@@ -224,7 +236,7 @@ def load_settings(
             merged[key] = _relative_to(base, value, key) if key in _PATH_KEYS else value
     else:
         base = cwd
-    for key in ("port", "interface", "cert", "key", "client_ca", "api_key_file", "redis"):
+    for key in _OPTION_KEYS:
         value = options.get(key.replace("_", "-"), options.get(key))
         if value is not None:
             merged[key] = _relative_to(cwd, value, key) if key in _PATH_KEYS else value
@@ -244,8 +256,13 @@ def load_settings(
     for key in ("cert", "key", "api_key_file"):
         if not merged.get(key):
             raise ConfigError(f"{key}: required (or use --dev for generated development files)")
+    redis = None
     if merged.get("redis") is not None:
-        raise ConfigError("redis: this build runs on one node only; clustering is not there yet")
+        if not isinstance(merged["redis"], str):
+            raise ConfigError("redis: expected a redis:// or rediss:// URL string")
+        redis = RedisTarget.parse(merged["redis"], merged.get("redis_ca"))
+    elif merged.get("redis_ca") is not None:
+        raise ConfigError("redis_ca: only used together with redis")
     if merged.get("client_ca") is not None:
         raise ConfigError("client_ca: client-certificate authentication is not available yet")
     policy = merged.get("origin_policy", "enforce")
@@ -269,4 +286,5 @@ def load_settings(
         limits=limits,
         topics=topics,
         dev=dev,
+        redis=redis,
     )

@@ -39,6 +39,12 @@ class Options(usage.Options):
         ["client-ca", None, None, "CA whose client certificates may call the backend API."],
         ["api-key-file", None, None, "Backend API keys, one per line."],
         ["redis", None, None, "redis:// or rediss:// URL for a multi-node cluster."],
+        [
+            "redis-ca",
+            None,
+            None,
+            "CA of a rediss:// server's certificate (default: the system's CAs).",
+        ],
     ]
 
 
@@ -72,6 +78,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         _fail(str(e))
         raise  # unreachable: _fail exits
     service = MultiService()
+    for link in node.services():
+        link.setServiceParent(service)
     listener = _NodeService(node)
     listener.setServiceParent(service)
     return service

@@ -101,6 +101,15 @@ class Ticket:
         if not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite number")
 
+    def binds(self, peer_ip: str) -> bool:
+        """Whether a connection from ``peer_ip`` may redeem this ticket."""
+        if self.client_ip is None:
+            return True
+        try:
+            return normalize_ip(peer_ip) == self.client_ip
+        except ValueError:
+            return False
+
 
 class TicketRefused(Exception):
     """A redemption failed; ``reason`` says why, for the log only.
@@ -149,7 +158,22 @@ class ITicketStore(Interface):
         """Number of entries held (live tickets and tombstones), for metrics."""
 
 
-def _token_key(token: str) -> bytes:
+def encode_token(raw: bytes) -> str:
+    """A token's text: unpadded base64url of its random bytes."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def is_token(token: object) -> bool:
+    """Whether ``token`` has a token's shape (checked before any lookup)."""
+    return (
+        isinstance(token, str)
+        and len(token) == TOKEN_LENGTH
+        and _TOKEN_SHAPE.fullmatch(token) is not None
+    )
+
+
+def token_key(token: str) -> bytes:
+    """What a store keeps instead of the token: its SHA-256."""
     return hashlib.sha256(token.encode("ascii")).digest()
 
 
@@ -189,8 +213,8 @@ class MemoryTicketStore:
             raw = self._randbytes(TOKEN_BYTES)
             if len(raw) != TOKEN_BYTES:
                 return defer.fail(StoreUnavailable("randomness source returned a short read"))
-            token = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-            key = _token_key(token)
+            token = encode_token(raw)
+            key = token_key(token)
             if key not in self._live and key not in self._tombstones:
                 self._live[key] = ticket
                 heapq.heappush(self._expiries, (ticket.expires_at, key))
@@ -207,13 +231,9 @@ class MemoryTicketStore:
             self.purge()
 
     def _redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]:
-        if (
-            not isinstance(token, str)
-            or len(token) != TOKEN_LENGTH
-            or _TOKEN_SHAPE.fullmatch(token) is None
-        ):
+        if not is_token(token):
             return defer.fail(TicketRefused("unknown"))
-        key = _token_key(token)
+        key = token_key(token)
         now = self._clock.seconds()
         ticket = self._live.pop(key, None)
         if ticket is None:
@@ -226,13 +246,8 @@ class MemoryTicketStore:
             # No tombstone: the heap entry is purged right after this call.
             return defer.fail(TicketRefused("expired"))
         self._tombstones[key] = ticket.expires_at
-        if ticket.client_ip is not None:
-            try:
-                peer = normalize_ip(peer_ip)
-            except ValueError:
-                return defer.fail(TicketRefused("wrong_ip"))
-            if peer != ticket.client_ip:
-                return defer.fail(TicketRefused("wrong_ip"))
+        if not ticket.binds(peer_ip):
+            return defer.fail(TicketRefused("wrong_ip"))
         return defer.succeed(ticket)
 
     def purge(self) -> int:

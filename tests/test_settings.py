@@ -133,10 +133,37 @@ class SettingsTests(SynchronousTestCase):
             del options[key]
             self.assertIn(key.replace("-", "_"), self.error(options))
 
-    def test_cluster_options_refused_for_now(self) -> None:
-        """--redis and --client-ca stop the start instead of being ignored."""
-        self.assertIn("redis", self.error(self.options(redis="redis://127.0.0.1")))
+    def test_client_ca_refused_for_now(self) -> None:
+        """--client-ca stops the start instead of being ignored."""
         self.assertIn("client_ca", self.error(self.options(**{"client-ca": "ca.pem"})))
+
+    def test_redis_url(self) -> None:
+        """redis:// and rediss:// URLs with credentials and a database are parsed."""
+        s = load_settings(self.options(redis="redis://app:s%40cret@10.1.2.3:6380/2"), self.dir)
+        assert s.redis is not None
+        self.assertEqual(
+            (s.redis.host, s.redis.port, s.redis.db, s.redis.username, s.redis.password),
+            ("10.1.2.3", 6380, 2, "app", "s@cret"),
+        )
+        self.assertFalse(s.redis.tls)
+        self.assertNotIn("cret", repr(s) + s.redis.display())
+        ca = self.write("redis-ca.pem", "x")
+        s = load_settings(
+            self.options(redis="rediss://cache.internal", **{"redis-ca": ca}), self.dir
+        )
+        assert s.redis is not None
+        self.assertEqual(
+            (s.redis.tls, s.redis.port, s.redis.db, s.redis.ca), (True, 6379, None, ca)
+        )
+
+    def test_bad_redis_values(self) -> None:
+        """Bad Redis URLs, and a Redis CA without rediss://, name the key."""
+        for url in ("http://x", "redis://", "redis://h/db", "redis://h:99999", "redis://h/0?x=1"):
+            self.assertIn("redis", self.error(self.options(redis=url)))
+        self.assertIn("redis_ca", self.error(self.options(**{"redis-ca": "ca.pem"})))
+        self.assertIn(
+            "redis_ca", self.error(self.options(redis="redis://h", **{"redis-ca": "ca.pem"}))
+        )
 
     def test_missing_config_file(self) -> None:
         """A config path that cannot be read is named."""
