@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from securepub.errors import RequestError
 from securepub.redislink import IRedisLink, RedisUnavailable
 from securepub.tickets import (
     ITicketStore,
@@ -67,7 +68,7 @@ def _load(value: str) -> Ticket:
             publish=tuple(Pattern.parse(p) for p in data["publish"]),
             expires_at=float(data["expires_at"]),
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (RequestError, ValueError, KeyError, TypeError, AttributeError):
         raise TicketRefused("unknown") from None
 
 

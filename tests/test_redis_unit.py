@@ -1,0 +1,238 @@
+"""The Redis ticket store and fan-out on a fake link: commands sent, replies judged."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from securepub.errors import ConfigError, RequestError
+from securepub.redisfanout import CHANNEL, RedisFanout, encode
+from securepub.redislink import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
+from securepub.redistickets import KEY_PREFIX, USED_PREFIX, RedisTicketStore
+from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
+from securepub.topics import Pattern
+
+
+@implementer(IRedisLink)
+class FakeRedisLink:
+    """Records commands; each answer is a Deferred the test fires by hand."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+        self.pending: list[Deferred[Any]] = []
+        self.connected = True
+
+    def execute(self, *args: Any) -> Deferred[Any]:
+        if not self.connected:
+            return fail(RedisUnavailable("not connected"))
+        self.commands.append(args)
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+
+def ticket(expires_at: float = 130.0, client_ip: str | None = "203.0.113.7") -> Ticket:
+    return Ticket(
+        user="alice",
+        client_ip=client_ip,
+        subscribe=(Pattern.parse("news.*"),),
+        publish=(Pattern.parse("chat.>"),),
+        expires_at=expires_at,
+    )
+
+
+class RedisTicketStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(100)
+        self.redis = FakeRedisLink()
+        self.store = RedisTicketStore(self.redis, self.clock, randbytes=lambda n: b"\x01" * n)
+
+    def issue(self, t: Ticket | None = None) -> str:
+        d = self.store.issue(t or ticket())
+        self.redis.pending[-1].callback("OK")
+        token: str = self.successResultOf(d)
+        return token
+
+    def test_interfaces(self) -> None:
+        """The fake and the real link share IRedisLink; the store is an ITicketStore."""
+        verifyObject(ITicketStore, self.store)
+        verifyObject(IRedisLink, self.redis)
+        link = RedisLink(MemoryReactorClock(), RedisTarget("127.0.0.1", 1), "commands")
+        verifyObject(IRedisLink, link)
+        self.assertFalse(link.is_connected())
+        self.failureResultOf(link.execute("PING"), RedisUnavailable)
+
+    def test_issue_stores_hash_with_ttl(self) -> None:
+        """A ticket is SET NX under its token's hash, expiring with the ticket."""
+        token = self.issue()
+        [(command, key, value, px, ttl, nx)] = self.redis.commands
+        self.assertEqual((command, px, ttl, nx), ("SET", "PX", 30000, "NX"))
+        self.assertEqual(key, KEY_PREFIX + token_key(token).hex())
+        self.assertNotIn(token, repr(self.redis.commands))
+        self.assertEqual(
+            json.loads(value),
+            {
+                "user": "alice",
+                "client_ip": "203.0.113.7",
+                "subscribe": ["news.*"],
+                "publish": ["chat.>"],
+                "expires_at": 130.0,
+            },
+        )
+
+    def test_redeem_is_one_script(self) -> None:
+        """Redemption is one EVAL on the ticket's key and its tombstone."""
+        token = self.issue()
+        value = self.redis.commands[0][2]
+        d = self.store.redeem(token, "203.0.113.7")
+        command, _, nkeys, key, used = self.redis.commands[1]
+        self.assertEqual((command, nkeys), ("EVAL", 2))
+        digest = token_key(token).hex()
+        self.assertEqual((key, used), (KEY_PREFIX + digest, USED_PREFIX + digest))
+        self.redis.pending[1].callback([1, value])
+        got = self.successResultOf(d)
+        self.assertEqual((got.user, [p.text for p in got.subscribe]), ("alice", ["news.*"]))
+
+    def refusal(self, reply: Any, peer: str = "203.0.113.7", token: str | None = None) -> str:
+        d = self.store.redeem(token or self.issue(), peer)
+        self.redis.pending[-1].callback(reply)
+        reason: str = self.failureResultOf(d, TicketRefused).value.reason
+        return reason
+
+    def test_refusals(self) -> None:
+        """Unknown, replayed, expired, wrong-IP and corrupt entries are refused."""
+        value = json.dumps(
+            {
+                "user": "a",
+                "client_ip": "203.0.113.7",
+                "subscribe": [],
+                "publish": [],
+                "expires_at": 130.0,
+            }
+        )
+        self.assertEqual(self.refusal([0]), "unknown")
+        self.assertEqual(self.refusal([2]), "already_redeemed")
+        self.assertEqual(self.refusal([1, value], peer="198.51.100.1"), "wrong_ip")
+        self.assertEqual(self.refusal([1, "{not json"]), "unknown")
+        self.assertEqual(self.refusal([1, json.dumps({"user": "a"})]), "unknown")
+        self.assertEqual(self.refusal([1, value.replace("[]", '["a..b"]', 1)]), "unknown")
+        token = self.issue()
+        self.clock.advance(30)
+        self.assertEqual(self.refusal([1, value], token=token), "expired")
+
+    def test_just_before_deadline(self) -> None:
+        """A ticket redeemed just before its expiry is accepted."""
+        value = json.dumps(
+            {"user": "a", "client_ip": None, "subscribe": [], "publish": [], "expires_at": 130.0}
+        )
+        token = self.issue()
+        self.clock.advance(29.999)
+        d = self.store.redeem(token, "198.51.100.1")
+        self.redis.pending[-1].callback([1, value])
+        self.assertEqual(self.successResultOf(d).user, "a")
+
+    def test_malformed_token_never_reaches_redis(self) -> None:
+        """A token of the wrong shape is unknown without a round trip."""
+        for token in ("", "x" * 43 + "!", "é" * 43, "a" * 10_000):
+            self.failureResultOf(self.store.redeem(token, "203.0.113.7"), TicketRefused)
+        self.assertEqual(self.redis.commands, [])
+
+    def test_unavailable(self) -> None:
+        """No connection, an error reply or a lost reply is StoreUnavailable, never a pass."""
+        self.redis.connected = False
+        self.failureResultOf(self.store.issue(ticket()), StoreUnavailable)
+        self.failureResultOf(self.store.redeem("A" * 43, "203.0.113.7"), StoreUnavailable)
+        self.redis.connected = True
+        d = self.store.redeem("A" * 43, "203.0.113.7")
+        self.redis.pending[-1].errback(RedisUnavailable("lost"))
+        self.failureResultOf(d, StoreUnavailable)
+        d = self.store.redeem("A" * 43, "203.0.113.7")
+        self.redis.pending[-1].errback(ValueError("ERR script"))
+        self.failureResultOf(d, StoreUnavailable)
+        d = self.store.issue(ticket())
+        self.redis.pending[-1].callback(None)  # NX refused
+        self.failureResultOf(d, StoreUnavailable)
+
+
+class RedisFanoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.redis = FakeRedisLink()
+        self.fanout = RedisFanout(self.redis, max_body_bytes=100)
+        self.delivered: list[tuple[str, str, float, str]] = []
+        self.fanout.start(lambda *args: self.delivered.append(args))
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_publish_goes_to_the_channel(self) -> None:
+        """A publish is one PUBLISH on the cluster channel; the id comes back on success."""
+        d = self.fanout.publish("news.a", "n1-1", 5.5, '{"k":1}')
+        self.assertEqual(
+            self.redis.commands, [("PUBLISH", CHANNEL, '1\nnews.a\nn1-1\n5.5\n{"k":1}')]
+        )
+        self.assertNoResult(d)
+        self.redis.pending[0].callback(2)
+        self.successResultOf(d)
+
+    def test_publish_unavailable(self) -> None:
+        """While Redis is down a publish fails with 'unavailable' and nothing is sent."""
+        self.redis.connected = False
+        f = self.failureResultOf(self.fanout.publish("a", "i", 1.0, "1"), RequestError)
+        self.assertEqual(f.value.code, "unavailable")
+
+    def test_round_trip(self) -> None:
+        """A message that arrives on the channel is delivered here as it was sent."""
+        self.fanout.received(CHANNEL, encode("news.a", "n1-1", 5.5, '{"k":"a\\nb"}'))
+        self.assertEqual(self.delivered, [("news.a", "n1-1", 5.5, '{"k":"a\\nb"}')])
+
+    def test_untrusted_input_dropped(self) -> None:
+        """Anything malformed arriving from Redis is dropped and logged, never delivered."""
+        bad = [
+            "garbage",
+            "2\nnews.a\nid\n1.0\n1",
+            "1\nnews.*\nid\n1.0\n1",
+            "1\nnews.a\nbad id!\n1.0\n1",
+            "1\nnews.a\nid\nnan\n1",
+            "1\nnews.a\nid\nsoon\n1",
+            "1\nnews.a\nid\n1.0\n<script>",
+            '1\nnews.a\nid\n1.0\n{"a":1,"a":2}',
+            "1\nnews.a\nid\n1.0\n" + '"' + "x" * 200 + '"',
+        ]
+        for message in bad:
+            self.fanout.received(CHANNEL, message)
+        self.fanout.received("other-channel", encode("news.a", "i", 1.0, "1"))
+        self.assertEqual(self.delivered, [])
+        dropped = [e for e in self.events if e.get("securepub_event") == "cluster_message_dropped"]
+        self.assertEqual(len(dropped), len(bad))
+
+
+class RedisTargetTests(SynchronousTestCase):
+    def test_display_hides_credentials(self) -> None:
+        """Neither repr nor display shows the password."""
+        t = RedisTarget.parse("rediss://u:hunter2hunter2@cache:6390/3")
+        self.assertEqual(t.display(), "rediss://cache:6390/3")
+        self.assertNotIn("hunter2", repr(t))
+
+    def test_bad_urls(self) -> None:
+        """Malformed URLs are ConfigErrors naming 'redis'."""
+        for url in ("", "redis:/x", "unix:///tmp/s", "redis://h:port", "redis://h/-1"):
+            self.assertIn("redis", str(self.assertRaises(ConfigError, RedisTarget.parse, url)))
+
+    def test_missing_ca(self) -> None:
+        """An unreadable Redis CA is named when the endpoint is made."""
+        t = RedisTarget.parse("rediss://h", ca="/nonexistent/ca.pem")
+        self.assertIn(
+            "redis_ca", str(self.assertRaises(ConfigError, t.endpoint, MemoryReactorClock()))
+        )
