@@ -94,7 +94,7 @@ class RedisServer:
         return args
 
     def start(self) -> RedisServer:
-        log = open(os.path.join(self.directory, "redis.log"), "ab")  # noqa: SIM115
+        log = open(os.path.join(self.directory, "redis.log"), "ab")
         self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + 10

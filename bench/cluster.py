@@ -1,0 +1,129 @@
+"""Cluster figures for the README: ticket redemptions/s against Redis, and
+cross-node publish-to-deliver latency (node A's API to a subscriber on node B).
+
+Usage: python bench/cluster.py [--tickets 20000] [--messages 2000] [--rate 200]
+Starts its own redis-server and two nodes on free ports, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+
+from tests.redis_server import RedisServer  # noqa: E402
+from tests.server import Server, recv_json, request_json  # noqa: E402
+
+
+def redemptions(redis_url: str, count: int) -> dict[str, Any]:
+    """Issue then redeem `count` tickets through RedisTicketStore, all in flight at once."""
+    from twisted.internet import defer, reactor, task
+
+    from securepub.redislink import RedisLink, RedisTarget
+    from securepub.redistickets import RedisTicketStore
+    from securepub.tickets import Ticket
+
+    result: dict[str, Any] = {}
+
+    @defer.inlineCallbacks
+    def run() -> Any:
+        link = RedisLink(reactor, RedisTarget.parse(redis_url), "commands")
+        link.startService()
+        while not link.is_connected():
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        store = RedisTicketStore(link, reactor)
+        now = reactor.seconds()
+        t0 = time.perf_counter()
+        tokens = yield defer.gatherResults(
+            [store.issue(Ticket("u", "127.0.0.1", (), (), now + 60)) for _ in range(count)]
+        )
+        t1 = time.perf_counter()
+        tickets = yield defer.gatherResults([store.redeem(t, "127.0.0.1") for t in tokens])
+        t2 = time.perf_counter()
+        replays = yield defer.DeferredList(
+            [store.redeem(t, "127.0.0.1") for t in tokens[:1000]], consumeErrors=True
+        )
+        assert len(tickets) == count and not any(ok for ok, _ in replays)
+        result.update(
+            tickets=count,
+            issues_per_s=round(count / (t1 - t0)),
+            redemptions_per_s=round(count / (t2 - t1)),
+        )
+        yield link.stopService()
+
+    def main() -> None:
+        d = run()
+        d.addErrback(lambda f: result.update(error=str(f.value)))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(main)
+    reactor.run()
+    return result
+
+
+def latency(a: Server, b: Server, messages: int, rate: float) -> dict[str, Any]:
+    """Publish on A at `rate`/s; a subscriber on B timestamps each arrival."""
+    conn = b.session(subscribe=["bench.*"])
+    assert request_json(conn, {"op": "subscribe", "id": 1, "topic": "bench.latency"})["op"] == "ok"
+    received: list[float] = []
+
+    def listen() -> None:
+        for _ in range(messages):
+            message = recv_json(conn, timeout=10)
+            received.append(time.time() - message["data"]["sent"])
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    http = a.connection()
+    headers = {"Authorization": f"Bearer {a.api_key}", "Content-Type": "application/json"}
+    start = time.monotonic()
+    for n in range(messages):
+        delay = start + n / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        body = json.dumps({"topic": "bench.latency", "data": {"sent": time.time(), "n": n}})
+        http.request("POST", "/v1/publish", body, headers)
+        response = http.getresponse()
+        response.read()
+        assert response.status == 202
+    listener.join(30)
+    conn.close()
+    ms = sorted(x * 1000 for x in received)
+    return {
+        "messages": messages,
+        "rate_per_s": rate,
+        "delivered": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 2),
+        "max_ms": round(ms[-1], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tickets", type=int, default=20000)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=200)
+    args = parser.parse_args()
+    redis = RedisServer().start()
+    try:
+        print(json.dumps({"redemptions": redemptions(redis.url(db=1), args.tickets)}))
+        a = Server(extra_args=["--redis", redis.url()]).start()
+        b = Server(extra_args=["--redis", redis.url()]).start()
+        try:
+            print(json.dumps({"cross_node_latency": latency(a, b, args.messages, args.rate)}))
+        finally:
+            a.cleanup()
+            b.cleanup()
+    finally:
+        redis.cleanup()
+
+
+if __name__ == "__main__":
+    main()
