@@ -16,6 +16,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_RETRY",
     "DEFAULT_URL",
     "APIError",
     "CertificateError",
@@ -189,6 +190,10 @@ class RetryPolicy:
         return base * (0.5 + 0.5 * rand())
 
 
+#: Three retries, 0.25 s doubling up to 4 s, jittered: about 2 s at most in all.
+DEFAULT_RETRY: Final = RetryPolicy()
+
+
 def parse_response(status: int, data: bytes) -> dict[str, Any]:
     """A success body as a dict, or raise the `APIError` the status and body describe."""
     if status in (200, 201, 202):
@@ -268,7 +273,7 @@ class Publisher:
         ca: str | None = None,
         *,
         timeout: float = 10.0,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._url = parse_url(url)
@@ -277,10 +282,10 @@ class Publisher:
             self._context = ssl.create_default_context(cafile=ca)
         except FileNotFoundError:
             raise ClientError(f"CA file {ca} does not exist") from None
-        except OSError as e:
-            raise ClientError(f"cannot read CA file {ca}: {_describe_os_error(e)}") from None
         except ssl.SSLError:
             raise ClientError(f"CA file {ca} holds no PEM certificate") from None
+        except OSError as e:
+            raise ClientError(f"cannot read CA file {ca}: {_describe_os_error(e)}") from None
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._timeout = timeout
         self._retry = retry

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from securepub.api import Health, PublishResource, TicketsResource
 from securepub.broker import Broker
+from securepub.devpages import client_routes
 from securepub.fanout import IFanout, LocalFanout
 from securepub.origin import OriginPolicy
 from securepub.protocol import SecurePubFactory
@@ -79,6 +80,8 @@ class Node:
             b"healthz": Health(self.health_problem),
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
+            # /static/securepub.js always; /demo and /dev/ticket only with --dev.
+            **client_routes(settings, self.tickets, reactor),
         }
         # An HTTP connection idle this long is closed (Twisted's default is 12
         # hours); it also bounds a TLS or HTTP handshake that never completes.
