@@ -54,7 +54,12 @@ class Node:
             fanout = LocalFanout()
         else:
             commands = RedisLink(reactor, settings.redis, "commands")
-            redis_fanout = RedisFanout(commands, max_body_bytes=limits.max_frame_bytes)
+            redis_fanout = RedisFanout(
+                commands,
+                max_body_bytes=limits.max_frame_bytes,
+                clock=reactor,
+                signer=settings.cluster_signer,
+            )
             messages = RedisLink(
                 reactor,
                 settings.redis,
@@ -109,6 +114,11 @@ class Node:
     def warnings(self) -> list[str]:
         """Start-time warnings about a configuration that works but may surprise."""
         found = []
+        if self.settings.redis is not None and self.settings.cluster_signer is None:
+            found.append(
+                "redis is set without cluster_secret_file: messages between nodes are "
+                "not signed, so anyone who can write to Redis can publish to browsers"
+            )
         if self.origin_policy.allows_nothing:
             found.append(
                 "allowed_origins is empty and origin_policy is 'enforce': every browser "

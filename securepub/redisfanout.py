@@ -11,24 +11,38 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securepub import jsonstrict
+from securepub.clustersign import ClusterSigner
 from securepub.errors import RequestError
 from securepub.fanout import Deliver, IFanout
 from securepub.redislink import IRedisLink, RedisUnavailable
+from securepub.tickets import SecondsClock
 from securepub.topics import validate_topic
 
 _log = Logger()
 
 #: The one channel a cluster's nodes publish to and subscribe to.
 CHANNEL = "securepub:messages"
-#: First line of every message on the channel: the format's version.
-VERSION = "1"
+#: First line of every message on the channel: the format's version, which
+#: says whether a signature line follows.
+UNSIGNED = "1"
+SIGNED = "2"
+#: Signed messages older or newer than this (seconds) are dropped as replays.
+MAX_CLOCK_SKEW = 60.0
+#: Origin nodes remembered for replay checks before the table starts over.
+MAX_TRACKED_NODES = 10_000
 
-_MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MESSAGE_ID = re.compile(r"([A-Za-z0-9_]{1,32})-([0-9]{1,20})")
 
 
-def encode(topic: str, message_id: str, ts: float, body: str) -> str:
-    """One message as it travels through Redis: five lines, body last."""
-    return f"{VERSION}\n{topic}\n{message_id}\n{ts!r}\n{body}"
+def encode(
+    topic: str, message_id: str, ts: float, body: str, signer: ClusterSigner | None = None
+) -> str:
+    """One message as it travels through Redis: a version line, then a
+    signature line if signed, then topic, id, timestamp and the body last."""
+    text = f"{topic}\n{message_id}\n{ts!r}\n{body}"
+    if signer is None:
+        return f"{UNSIGNED}\n{text}"
+    return f"{SIGNED}\n{signer.sign(text)}\n{text}"
 
 
 @implementer(IFanout)
@@ -43,31 +57,55 @@ class RedisFanout:
 
     What arrives from Redis is not trusted: anyone who can write to Redis
     can publish on the channel, so every field is checked again before it
-    reaches a browser, and anything malformed is dropped and logged.
+    reaches a browser, and anything malformed is dropped and logged. With a
+    cluster secret, messages are signed (HMAC-SHA256) and only correctly
+    signed ones are accepted; a replay is refused because each node's
+    message numbers only grow and timestamps must be within
+    `MAX_CLOCK_SKEW` of this node's clock.
     """
 
-    def __init__(self, commands: IRedisLink, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        commands: IRedisLink,
+        max_body_bytes: int,
+        clock: SecondsClock,
+        signer: ClusterSigner | None = None,
+    ) -> None:
         self._commands = commands
         self._max_body_bytes = max_body_bytes
+        self._clock = clock
+        self._signer = signer
         self._deliver: Deliver | None = None
+        #: origin node -> highest message number seen from it (signed traffic)
+        self._last_seen: dict[str, int] = {}
 
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
     def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
-        d = self._commands.execute("PUBLISH", CHANNEL, encode(topic, message_id, ts, body))
+        message = encode(topic, message_id, ts, body, self._signer)
+        d = self._commands.execute("PUBLISH", CHANNEL, message)
         return d.addCallbacks(lambda _: None, _unavailable)
 
     def received(self, channel: str, message: str) -> None:
         """A message from the subscribed link; check it, then deliver it here."""
         if channel != CHANNEL or self._deliver is None:
             return
-        parts = message.split("\n", 4) if isinstance(message, str) else []
+        version, _, rest = message.partition("\n") if isinstance(message, str) else ("", "", "")
         problem = None
-        if len(parts) != 5 or parts[0] != VERSION:
+        if self._signer is not None:
+            signature, _, rest = rest.partition("\n")
+            if version != SIGNED:
+                problem = "unsigned"
+            elif not self._signer.verify(rest, signature):
+                problem = "bad signature"
+        elif version != UNSIGNED:
+            problem = "signed, but this node has no cluster secret"
+        parts = rest.split("\n", 3)
+        if problem is None and len(parts) != 4:
             problem = "not in the expected format"
-        else:
-            _, topic, message_id, ts_text, body = parts
+        if problem is None:
+            topic, message_id, ts_text, body = parts
             problem = self._check(topic, message_id, ts_text, body)
         if problem is not None:
             _log.warn(
@@ -83,7 +121,8 @@ class RedisFanout:
             validate_topic(topic)
         except RequestError:
             return "bad topic"
-        if _MESSAGE_ID.fullmatch(message_id) is None:
+        match = _MESSAGE_ID.fullmatch(message_id)
+        if match is None:
             return "bad message id"
         try:
             ts = float(ts_text)
@@ -91,12 +130,27 @@ class RedisFanout:
             return "bad timestamp"
         if not math.isfinite(ts):
             return "bad timestamp"
+        if self._signer is not None:
+            problem = self._replayed(match.group(1), int(match.group(2)), ts)
+            if problem is not None:
+                return problem
         if len(body) > self._max_body_bytes:
             return "body over the size limit"
         try:
             jsonstrict.loads(body)
         except RequestError:
             return "body is not strict JSON"
+        return None
+
+    def _replayed(self, node: str, number: int, ts: float) -> str | None:
+        """Signed messages from one node arrive in order: numbers must grow."""
+        if abs(self._clock.seconds() - ts) > MAX_CLOCK_SKEW:
+            return "timestamp out of the accepted window (replay or clock skew)"
+        if number <= self._last_seen.get(node, 0):
+            return "replayed message"
+        if node not in self._last_seen and len(self._last_seen) >= MAX_TRACKED_NODES:
+            self._last_seen.clear()
+        self._last_seen[node] = number
         return None
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from securepub import jsonstrict
 from securepub.apikeys import ApiKeys, load_api_keys
+from securepub.clustersign import ClusterSigner, load_cluster_secret
 from securepub.errors import ConfigError, RequestError
 from securepub.redislink import RedisTarget
 from securepub.topics import Pattern
@@ -19,24 +20,7 @@ from securepub.validation import TopicRule
 DEFAULT_PORT = 8443
 DEFAULT_INTERFACE = "127.0.0.1"
 
-_TOP_KEYS = frozenset(
-    {
-        "port",
-        "interface",
-        "cert",
-        "key",
-        "client_ca",
-        "api_key_file",
-        "redis",
-        "redis_ca",
-        "allowed_origins",
-        "origin_policy",
-        "limits",
-        "topics",
-    }
-)
-_TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
-_PATH_KEYS = ("cert", "key", "client_ca", "api_key_file", "redis_ca")
+#: Keys settable both on the command line (dashes for underscores) and in TOML.
 _OPTION_KEYS = (
     "port",
     "interface",
@@ -46,7 +30,11 @@ _OPTION_KEYS = (
     "api_key_file",
     "redis",
     "redis_ca",
+    "cluster_secret_file",
 )
+_TOP_KEYS = frozenset(_OPTION_KEYS) | {"allowed_origins", "origin_policy", "limits", "topics"}
+_TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
+_PATH_KEYS = ("cert", "key", "client_ca", "api_key_file", "redis_ca", "cluster_secret_file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +82,7 @@ class Settings:
     dev: bool = False
     client_ca: str | None = None
     redis: RedisTarget | None = None
+    cluster_signer: ClusterSigner | None = field(default=None, repr=False)
 
     @property
     def enforce_origin(self) -> bool:
@@ -263,6 +252,11 @@ def load_settings(
         redis = RedisTarget.parse(merged["redis"], merged.get("redis_ca"))
     elif merged.get("redis_ca") is not None:
         raise ConfigError("redis_ca: only used together with redis")
+    signer = None
+    if merged.get("cluster_secret_file") is not None:
+        if redis is None:
+            raise ConfigError("cluster_secret_file: only used together with redis")
+        signer = load_cluster_secret(merged["cluster_secret_file"])
     if merged.get("client_ca") is not None:
         raise ConfigError("client_ca: client-certificate authentication is not available yet")
     policy = merged.get("origin_policy", "enforce")
@@ -287,4 +281,5 @@ def load_settings(
         topics=topics,
         dev=dev,
         redis=redis,
+        cluster_signer=signer,
     )

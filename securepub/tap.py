@@ -45,6 +45,12 @@ class Options(usage.Options):
             None,
             "CA of a rediss:// server's certificate (default: the system's CAs).",
         ],
+        [
+            "cluster-secret-file",
+            None,
+            None,
+            "Secret shared by the cluster's nodes; messages through Redis are signed with it.",
+        ],
     ]
 
 

@@ -15,6 +15,7 @@ from tests.redis_server import RedisServer
 from tests.server import Server, recv_json, request_json
 
 CONFIG = {"topics": [{"pattern": "chat.*", "client_publish": True}]}
+SECRET = {"cluster-secret": "correct horse battery staple, shared by all nodes"}
 
 
 def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
@@ -44,8 +45,9 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def nodes(redis: RedisServer) -> Iterator[tuple[Server, Server]]:
-    a = Server(CONFIG, extra_args=["--redis", redis.url(db=0)])
-    b = Server(CONFIG, extra_args=["--redis", redis.url(db=0)])
+    args = ["--redis", redis.url(db=0), "--cluster-secret-file", "cluster-secret"]
+    a = Server(CONFIG, files=SECRET, extra_args=args)
+    b = Server(CONFIG, files=SECRET, extra_args=args)
     try:
         a.start()
         b.start()
@@ -132,6 +134,26 @@ def test_browser_publish_crosses_nodes(nodes: tuple[Server, Server]) -> None:
     assert (message["topic"], message["data"]) == ("chat.room1", "hi")
     listener.close()
     talker.close()
+
+
+def test_forged_message_reaches_no_browser(
+    nodes: tuple[Server, Server], redis: RedisServer
+) -> None:
+    """A message written straight into Redis, unsigned or badly signed, is dropped."""
+    a, b = nodes
+    subscriber = b.session(subscribe=["news.*"])
+    assert request_json(subscriber, {"op": "subscribe", "id": 1, "topic": "news.*"})["op"] == "ok"
+    now = repr(time.time())
+    for forged in (
+        f'1\nnews.forged\nabc-1\n{now}\n"unsigned"',
+        f'2\n{"0" * 64}\nnews.forged\nabc-2\n{now}\n"bad signature"',
+    ):
+        assert redis.command("PUBLISH", "securepub:messages", forged) == "2"
+    real = a.publish("news.real", "signed")
+    message = recv_json(subscriber)
+    assert (message["id"], message["data"]) == (real, "signed")
+    b.wait_for_log(lambda text: "redis: unsigned" in text and "redis: bad signature" in text)
+    subscriber.close()
 
 
 def test_redis_outage_and_recovery(nodes: tuple[Server, Server], redis: RedisServer) -> None:

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from securepub.clustersign import ClusterSigner
 from securepub.errors import ConfigError, RequestError
 from securepub.redisfanout import CHANNEL, RedisFanout, encode
 from securepub.redislink import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
@@ -169,7 +170,9 @@ class RedisTicketStoreTests(SynchronousTestCase):
 class RedisFanoutTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.redis = FakeRedisLink()
-        self.fanout = RedisFanout(self.redis, max_body_bytes=100)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.fanout = RedisFanout(self.redis, max_body_bytes=100, clock=self.clock)
         self.delivered: list[tuple[str, str, float, str]] = []
         self.fanout.start(lambda *args: self.delivered.append(args))
         self.events: list[dict[str, Any]] = []
@@ -196,6 +199,8 @@ class RedisFanoutTests(SynchronousTestCase):
         """A message that arrives on the channel is delivered here as it was sent."""
         self.fanout.received(CHANNEL, encode("news.a", "n1-1", 5.5, '{"k":"a\\nb"}'))
         self.assertEqual(self.delivered, [("news.a", "n1-1", 5.5, '{"k":"a\\nb"}')])
+        self.fanout.received(CHANNEL, encode("news.a", "n1-1", 5.5, "1", SIGNER))
+        self.assertEqual(len(self.delivered), 1)
 
     def test_untrusted_input_dropped(self) -> None:
         """Anything malformed arriving from Redis is dropped and logged, never delivered."""
@@ -236,3 +241,55 @@ class RedisTargetTests(SynchronousTestCase):
         self.assertIn(
             "redis_ca", str(self.assertRaises(ConfigError, t.endpoint, MemoryReactorClock()))
         )
+
+
+SIGNER = ClusterSigner(b"k" * 32)
+
+
+class SignedFanoutTests(SynchronousTestCase):
+    """With a cluster secret, only fresh, correctly signed messages are delivered."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.redis = FakeRedisLink()
+        self.fanout = RedisFanout(self.redis, 100, clock=self.clock, signer=SIGNER)
+        self.delivered: list[tuple[str, str, float, str]] = []
+        self.fanout.start(lambda *args: self.delivered.append(args))
+
+    def test_publish_is_signed(self) -> None:
+        """What a node publishes carries an HMAC another node accepts."""
+        self.fanout.publish("news.a", "n1-1", 1000.0, "[1]")
+        self.fanout.received(CHANNEL, self.redis.commands[0][2])
+        self.assertEqual(self.delivered, [("news.a", "n1-1", 1000.0, "[1]")])
+        self.assertTrue(self.redis.commands[0][2].startswith("2\n"))
+
+    def test_forgeries_dropped(self) -> None:
+        """Unsigned, wrongly keyed and tampered messages reach no one."""
+        other = ClusterSigner(b"x" * 32)
+        good = encode("news.a", "n1-1", 1000.0, "1", SIGNER)
+        for message in (
+            encode("news.a", "n1-1", 1000.0, "1"),
+            encode("news.a", "n1-1", 1000.0, "1", other),
+            good.replace("news.a", "news.b"),
+            good.replace("\n1", "\n2")[:-1] + "2",
+            "2\n\nnews.a\nn1-1\n1000.0\n1",
+        ):
+            self.fanout.received(CHANNEL, message)
+        self.assertEqual(self.delivered, [])
+
+    def test_replays_dropped(self) -> None:
+        """A message seen before, an older number from a node, or a stale one is dropped."""
+        first = encode("news.a", "n1-5", 1000.0, "1", SIGNER)
+        self.fanout.received(CHANNEL, first)
+        self.fanout.received(CHANNEL, first)
+        self.fanout.received(CHANNEL, encode("news.a", "n1-4", 1000.0, "1", SIGNER))
+        self.fanout.received(CHANNEL, encode("news.a", "n2-1", 1000.0 - 61, "1", SIGNER))
+        self.fanout.received(CHANNEL, encode("news.a", "n2-2", 1000.0 + 61, "1", SIGNER))
+        self.fanout.received(CHANNEL, encode("news.a", "n1-6", 1000.0 + 60, "1", SIGNER))
+        self.assertEqual([d[1] for d in self.delivered], ["n1-5", "n1-6"])
+
+    def test_short_secret_refused(self) -> None:
+        """A cluster secret under 32 bytes stops the start."""
+        self.assertRaises(ConfigError, ClusterSigner, b"short")
+        self.assertNotIn("k" * 32, repr(SIGNER))

@@ -156,6 +156,23 @@ class SettingsTests(SynchronousTestCase):
             (s.redis.tls, s.redis.port, s.redis.db, s.redis.ca), (True, 6379, None, ca)
         )
 
+    def test_cluster_secret(self) -> None:
+        """A cluster secret file is read with Redis, refused without it or when short."""
+        self.write("secret", "s" * 40 + "\n")
+        s = load_settings(
+            self.options(redis="redis://h", **{"cluster-secret-file": "secret"}), self.dir
+        )
+        assert s.cluster_signer is not None
+        self.assertNotIn("s" * 40, repr(s))
+        self.assertIn(
+            "cluster_secret_file", self.error(self.options(**{"cluster-secret-file": "secret"}))
+        )
+        self.write("short", "abc")
+        self.assertIn(
+            "cluster_secret_file",
+            self.error(self.options(redis="redis://h", **{"cluster-secret-file": "short"})),
+        )
+
     def test_bad_redis_values(self) -> None:
         """Bad Redis URLs, and a Redis CA without rediss://, name the key."""
         for url in ("http://x", "redis://", "redis://h/db", "redis://h:99999", "redis://h/0?x=1"):
