@@ -28,6 +28,8 @@ TICKET_PREFIX = "ticket."
 #: Close codes (RFC 6455) this protocol sends.
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
+#: The connection could not keep up: more than ``max_queued_bytes`` waited for it.
+CLOSE_SLOW_CONSUMER = 4008
 
 #: Largest integer ``id`` echoed back: JavaScript's Number.MAX_SAFE_INTEGER.
 MAX_INT_ID = 2**53 - 1
@@ -100,6 +102,10 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
     _handshake_logged = False
     _errors_sent = 0
     _hs: dict[str, Any]
+    #: Whether the transport asked us to stop producing (its buffer is full).
+    _paused = False
+    #: Bytes handed to the transport since it paused us.
+    _queued = 0
 
     # -- opening handshake ------------------------------------------------
 
@@ -183,6 +189,9 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         self._session = self.factory.broker.open_session(
             ticket.user, grants, self._hs["peer"], self
         )
+        # As a push producer, we hear from the transport when its buffer is
+        # full, and can bound what waits there for a client that stopped reading.
+        self.transport.registerProducer(self, True)
         self._send_json({"op": "welcome", "session": self._session.id, "user": ticket.user})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -240,8 +249,10 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
 
     def _send_json(self, message: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-            self.sendMessage(text.encode("utf-8"))
+            data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+            if self._paused and self._over_queue_limit(len(data)):
+                return
+            self.sendMessage(data)
 
     def _close(self, code: int, reason: str) -> None:
         # sendClose() only takes 1000 and 3000-4999; the RFC codes need the frame API.
@@ -250,7 +261,50 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
 
     def send_prepared(self, prepared: Any) -> None:
         if self.state == self.STATE_OPEN:
+            if self._paused and self._over_queue_limit(len(prepared.payloadHybi)):
+                return
             self.sendPreparedMessage(prepared)
+
+    # -- IPushProducer: the transport's flow control ----------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._queued = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._queued = 0
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def _over_queue_limit(self, size: int) -> bool:
+        """Count bytes queued while paused; past the limit, close as a slow consumer.
+
+        One client that stopped reading must neither grow the server's memory
+        without bound nor hold up the others: its messages are dropped from
+        here on and the connection is closed with `CLOSE_SLOW_CONSUMER`.
+        """
+        self._queued += size
+        limit = self.factory.limits.max_queued_bytes
+        if self._queued <= limit:
+            return False
+        session = self._session
+        self._log.info(
+            "closing slow consumer session={session} user={user} peer={peer}: "
+            "over {limit} bytes queued",
+            securepub_event="slow_consumer",
+            session=session.id if session else None,
+            user=session.user if session else None,
+            peer=self._hs.get("peer"),
+            limit=limit,
+        )
+        if session is not None:
+            # Deliver nothing more, and take no more frames, while it closes.
+            self.factory.broker.close_session(session)
+            self._session = None
+        self._close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._session is not None:

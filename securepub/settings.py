@@ -47,6 +47,7 @@ class Limits:
     max_connections_per_ip: int = 100
     max_publish_rate: float = 50.0
     max_errors: int = 50
+    max_queued_bytes: int = 1024 * 1024
 
     @property
     def max_frame_bytes(self) -> int:
@@ -62,6 +63,7 @@ _LIMIT_SPECS: tuple[tuple[str, type, float, float], ...] = (
     ("max_connections_per_ip", int, 1, 1_000_000),
     ("max_publish_rate", float, 0.001, 1_000_000),
     ("max_errors", int, 1, 1_000_000),
+    ("max_queued_bytes", int, 64 * 1024, 1024 * 1024 * 1024),
 )
 
 

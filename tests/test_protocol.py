@@ -401,3 +401,52 @@ class MessageTests(SynchronousTestCase):
         self.reply({"op": "subscribe", "id": 1, "topic": "chat.a"})
         self.conn.proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.h.factory.broker.sessions, {})
+
+
+class SlowConsumerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self, limits=Limits(max_queued_bytes=64 * 1024))
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def subscriber(self) -> Connection:
+        conn = self.h.open(client_ip=None, peer=f"198.51.100.{len(self.events) + 1}")
+        conn.send({"op": "subscribe", "id": 1, "topic": "chat.a"})
+        return conn
+
+    def test_registered_as_producer(self) -> None:
+        """An open connection registers itself with its transport for flow control."""
+        conn = self.subscriber()
+        self.assertIs(conn.transport.producer, conn.proto)
+        self.assertTrue(conn.transport.streaming)
+
+    def test_paused_past_limit_closes_with_4008(self) -> None:
+        """Past max_queued_bytes queued while paused: closed with 4008, others unaffected."""
+        slow = self.subscriber()
+        fast = self.subscriber()
+        slow.messages()
+        fast.messages()
+        slow.proto.pauseProducing()
+        broker = self.h.factory.broker
+        for i in range(70):
+            self.successResultOf(broker.publish("chat.a", {"i": i, "pad": "x" * 1000}))
+        self.assertEqual(slow.close_code(), 4008)
+        self.assertEqual(len(fast.messages()), 70)
+        written = len(slow.transport.value())
+        self.successResultOf(broker.publish("chat.a", {"after": True}))
+        self.assertEqual(len(slow.transport.value()), written)
+        self.assertEqual(len(broker.sessions), 1)
+        [event] = [e for e in self.events if e.get("securepub_event") == "slow_consumer"]
+        self.assertEqual(event["user"], "alice")
+
+    def test_resume_resets_the_count(self) -> None:
+        """A client that catches up (resume) starts counting from zero again."""
+        conn = self.subscriber()
+        broker = self.h.factory.broker
+        for _ in range(3):
+            conn.proto.pauseProducing()
+            for i in range(40):
+                self.successResultOf(broker.publish("chat.a", {"i": i, "pad": "x" * 1000}))
+            conn.proto.resumeProducing()
+        self.assertIsNone(conn.close_code())
