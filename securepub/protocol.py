@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -191,7 +191,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         )
         # As a push producer, we hear from the transport when its buffer is
         # full, and can bound what waits there for a client that stopped reading.
-        self.transport.registerProducer(self, True)
+        IConsumer(self.transport).registerProducer(self, True)
         self._send_json({"op": "welcome", "session": self._session.id, "user": ticket.user})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
