@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,7 +90,7 @@ def _peer_ip(transport: Any) -> str:
     return str(getattr(peer, "host", "unknown"))
 
 
-@implementer(ISubscriber)
+@implementer(ISubscriber, IPushProducer)
 class SecurePubServerProtocol(WebSocketServerProtocol):
     """One browser or script connection. Autobahn owns ``.log``; ours is ``_log``."""
 
