@@ -6,9 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from securepub.api import NotFound, error_body
@@ -85,6 +88,66 @@ class CappedRequest(Request):
         )
 
 
+class DeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive a request's headers within a deadline.
+
+    Twisted's idle timeout restarts with every byte, so a client dribbling a
+    byte at a time (slowloris), or one that never finishes its TLS
+    handshake, could hold a connection for ever. The deadline runs from the
+    connection's start, and from the first byte of each later request.
+    """
+
+    headers_timeout: float = 10.0
+    _deadline: IDelayedCall | None = None
+    _between_requests = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between_requests:
+            self._between_requests = False
+            self._arm()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        self._between_requests = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(self.headers_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        _log.info(
+            "dropping a connection that sent no complete request headers in {timeout} s "
+            "peer={peer}",
+            securepub_event="headers_timeout",
+            timeout=self.headers_timeout,
+            peer=getattr(transport.getPeer(), "host", None),
+        )
+        transport.abortConnection()  # type: ignore[attr-defined]
+
+
 class SecurePubSite(Site):
     """A Site that caps bodies, hides tracebacks and never logs query strings.
 
@@ -93,11 +156,25 @@ class SecurePubSite(Site):
     """
 
     requestFactory = CappedRequest
+    # Plain HTTP/1.1 channels (no HTTP/2 negotiation), with a headers deadline.
+    protocol = DeadlineChannel  # type: ignore[assignment]
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, max_body_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        headers_timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self.headers_timeout = headers_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.headers_timeout = self.headers_timeout
+        return channel
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         _log.debug(

@@ -292,3 +292,47 @@ class _Req:
 
     def getClientAddress(self) -> IPv4Address:
         return IPv4Address("TCP", "192.0.2.5", 1)
+
+
+class HeadersDeadlineTests(SynchronousTestCase):
+    """Slowloris: request headers must arrive within the deadline, however dribbled."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.site = SecurePubSite(
+            Root({b"healthz": Health()}),
+            max_body_bytes=1000,
+            headers_timeout=10,
+            reactor=self.clock,
+        )
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 1))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_dribbling_client_dropped_at_deadline(self) -> None:
+        """A byte every second keeps the idle timer happy but not the deadline."""
+        channel, transport = self.connect()
+        for byte in b"GET /healthz HTTP/1.1\r\nHo":
+            if self.clock.seconds() >= 9.5:
+                break
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(0.5)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+
+    def test_complete_headers_in_time(self) -> None:
+        """Headers completed in time are answered; the next request gets its own deadline."""
+        channel, transport = self.connect()
+        self.clock.advance(9.9)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
