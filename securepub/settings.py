@@ -31,10 +31,19 @@ _OPTION_KEYS = (
     "redis",
     "redis_ca",
     "cluster_secret_file",
+    "audit_log",
 )
 _TOP_KEYS = frozenset(_OPTION_KEYS) | {"allowed_origins", "origin_policy", "limits", "topics"}
 _TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
-_PATH_KEYS = ("cert", "key", "client_ca", "api_key_file", "redis_ca", "cluster_secret_file")
+_PATH_KEYS = (
+    "cert",
+    "key",
+    "client_ca",
+    "api_key_file",
+    "redis_ca",
+    "cluster_secret_file",
+    "audit_log",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,7 @@ class Settings:
     client_ca: str | None = None
     redis: RedisTarget | None = None
     cluster_signer: ClusterSigner | None = field(default=None, repr=False)
+    audit_log: str | None = None
 
     @property
     def enforce_origin(self) -> bool:
@@ -284,4 +294,5 @@ def load_settings(
         dev=dev,
         redis=redis,
         cluster_signer=signer,
+        audit_log=merged.get("audit_log"),
     )

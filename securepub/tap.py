@@ -51,6 +51,12 @@ class Options(usage.Options):
             None,
             "Secret shared by the cluster's nodes; messages through Redis are signed with it.",
         ],
+        [
+            "audit-log",
+            None,
+            None,
+            "Write every security decision as one JSON line to this file (rotated by size).",
+        ],
     ]
 
 
@@ -65,6 +71,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from twisted.logger import globalLogPublisher
+
+    from securepub.audit import AuditLogObserver
     from securepub.devcerts import describe, ensure_dev_certs
     from securepub.node import Node
     from securepub.settings import load_settings
@@ -77,6 +86,14 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             dev_paths = {"cert": certs.cert, "key": certs.key, "api_key_file": certs.api_key_file}
         settings = load_settings(options, dev_paths=dev_paths)
         node = Node(settings, reactor)
+        if settings.audit_log is not None:
+            try:
+                audit = AuditLogObserver(settings.audit_log)
+            except OSError as e:
+                raise ConfigError(
+                    f"audit_log: cannot open {settings.audit_log}: {e.strerror}"
+                ) from None
+            globalLogPublisher.addObserver(audit)
         if certs is not None:
             sys.stdout.write(describe(certs, port=settings.port) + "\n")
             sys.stdout.flush()
