@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -116,6 +116,9 @@ class Broker:
         self._node = node_id or secrets.token_hex(6)
         self._fanout: IFanout = fanout if fanout is not None else LocalFanout()
         self._fanout.start(self.deliver)
+        #: Publishes handed to the engine and not yet answered.
+        self._in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
         self._message_numbers = count(1)
         self._session_numbers = count(1)
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
@@ -200,8 +203,25 @@ class Broker:
         """
         body = self._validator.validate(topic, data)
         message_id = f"{self._node}-{next(self._message_numbers)}"
+        self._in_flight += 1
         d = self._fanout.publish(topic, message_id, self._clock.seconds(), body)
-        return d.addCallback(lambda _: message_id)
+        return d.addBoth(self._landed).addCallback(lambda _: message_id)
+
+    def _landed(self, result: Any) -> Any:
+        self._in_flight -= 1
+        if not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no publish is waiting for the fan-out engine (for a clean stop)."""
+        if not self._in_flight:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def deliver(self, topic: str, message_id: str, ts: float, body: str) -> int:
         """Frame a validated message once and hand it to every local subscriber.

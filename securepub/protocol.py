@@ -7,8 +7,8 @@ from typing import Any, NoReturn
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +30,8 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 #: The connection could not keep up: more than ``max_queued_bytes`` waited for it.
 CLOSE_SLOW_CONSUMER = 4008
+#: The server is shutting down: reconnect (to another node) with a new ticket.
+CLOSE_GOING_AWAY = 1001
 
 #: Largest integer ``id`` echoed back: JavaScript's Number.MAX_SAFE_INTEGER.
 MAX_INT_ID = 2**53 - 1
@@ -189,9 +191,14 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         self._session = self.factory.broker.open_session(
             ticket.user, grants, self._hs["peer"], self
         )
+        self.factory.open_connections.add(self)
         # As a push producer, we hear from the transport when its buffer is
         # full, and can bound what waits there for a client that stopped reading.
-        IConsumer(self.transport).registerProducer(self, True)
+        # twisted.web's channel registered itself before handing the transport
+        # over to us; it no longer uses it, so its registration is replaced.
+        consumer = IConsumer(self.transport)
+        consumer.unregisterProducer()
+        consumer.registerProducer(self, True)
         self._send_json({"op": "welcome", "session": self._session.id, "user": ticket.user})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -306,7 +313,12 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         self._close(CLOSE_SLOW_CONSUMER, "slow consumer")
         return True
 
+    def going_away(self) -> None:
+        """Close with 1001 because this node is stopping."""
+        self._close(CLOSE_GOING_AWAY, "server shutting down")
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connection_gone(self)
         if self._session is not None:
             self.factory.broker.close_session(self._session)
             self._session = None
@@ -339,6 +351,9 @@ class SecurePubFactory(WebSocketServerFactory):
         self.limits = limits
         self.clock = clock
         self.connections = ConnectionCounter(limits.max_connections_per_ip)
+        #: Open WebSocket connections (past the handshake), for a clean stop.
+        self.open_connections: set[SecurePubServerProtocol] = set()
+        self._all_gone: list[Deferred[None]] = []
         self.setProtocolOptions(
             # Origin is decided in onConnect (scheme, host and port), so
             # Autobahn's own check is opened up, null origin included.
@@ -356,3 +371,37 @@ class SecurePubFactory(WebSocketServerFactory):
             requireMaskedClientFrames=True,
             echoCloseCodeReason=False,
         )
+
+    def connection_gone(self, protocol: SecurePubServerProtocol) -> None:
+        self.open_connections.discard(protocol)
+        if not self.open_connections:
+            waiters, self._all_gone = self._all_gone, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_all(self, timeout: float) -> Deferred[None]:
+        """Close every open connection with 1001; fires when all are gone.
+
+        Clients that do not finish the closing handshake within ``timeout``
+        seconds are cut off, so a stop cannot hang on them.
+        """
+        if not self.open_connections:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._all_gone.append(done)
+        for protocol in list(self.open_connections):
+            protocol.going_away()
+
+        def cut_off() -> None:
+            for protocol in list(self.open_connections):
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+        deadline = self.clock.callLater(timeout, cut_off)
+        return done.addBoth(_cancel_call, deadline)
+
+
+def _cancel_call(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result

@@ -6,8 +6,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
 from securepub.errors import ConfigError
@@ -76,6 +75,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     from securepub.audit import AuditLogObserver
     from securepub.devcerts import describe, ensure_dev_certs
     from securepub.node import Node
+    from securepub.service import NodeService
     from securepub.settings import load_settings
 
     try:
@@ -100,31 +100,4 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     except ConfigError as e:
         _fail(str(e))
         raise  # unreachable: _fail exits
-    service = MultiService()
-    for link in node.services():
-        link.setServiceParent(service)
-    listener = _NodeService(node)
-    listener.setServiceParent(service)
-    return service
-
-
-class _NodeService(StreamServerEndpointService):
-    """Listens on the node's TLS endpoint; a port that can't be bound stops twistd."""
-
-    def __init__(self, node: Any) -> None:
-        super().__init__(node.endpoint(), node.site)
-        self._raiseSynchronously = True
-        self.node = node
-
-    def privilegedStartService(self) -> None:
-        from twisted.logger import Logger
-
-        log = Logger()
-        self.node.log_warnings()
-        super().privilegedStartService()
-        log.info(
-            "securepub listening on https://{interface}:{port} (wss://.../ws)",
-            securepub_event="listening",
-            interface=self.node.settings.interface,
-            port=self.node.settings.port,
-        )
+    return NodeService(node)

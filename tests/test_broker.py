@@ -236,3 +236,20 @@ class FanoutTests(SynchronousTestCase):
         self.broker.subscribe(s, "news.*")
         self.fanout.deliver("news.a", "n-1", 5.0, "[1]")
         self.assertEqual(json.loads(sub.sent[0])["data"], [1])
+
+
+class IdleTests(SynchronousTestCase):
+    def test_idle_waits_for_accepted_publishes(self) -> None:
+        """idle() fires only once every publish handed to the engine is answered."""
+        fanout = RecordingFanout()
+        broker = Broker(PayloadValidator(1000, 8, ()), Limits(), Clock(), fanout=fanout)
+        self.successResultOf(broker.idle())
+        first = broker.publish("a", 1)
+        second = broker.publish("a", 2)
+        idle = broker.idle()
+        fanout.pending[0].callback(None)
+        self.assertNoResult(idle)
+        fanout.pending[1].errback(RequestError("unavailable", "down"))
+        self.successResultOf(idle)
+        self.successResultOf(first)
+        self.failureResultOf(second, RequestError)

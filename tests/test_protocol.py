@@ -450,3 +450,26 @@ class SlowConsumerTests(SynchronousTestCase):
                 self.successResultOf(broker.publish("chat.a", {"i": i, "pad": "x" * 1000}))
             conn.proto.resumeProducing()
         self.assertIsNone(conn.close_code())
+
+
+class CloseAllTests(SynchronousTestCase):
+    def test_close_all_sends_1001_then_cuts_off(self) -> None:
+        """A stopping node closes every connection with 1001, cutting off laggards."""
+        h = Harness(self)
+        polite = h.open()
+        laggard = h.open()
+        done = h.factory.close_all(timeout=5)
+        self.assertEqual((polite.close_code(), laggard.close_code()), (1001, 1001))
+        polite.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(done)
+        h.clock.advance(4.9)
+        self.assertNoResult(done)
+        h.clock.advance(0.1)
+        self.assertTrue(laggard.transport.disconnecting)
+        laggard.proto.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(h.factory.open_connections, set())
+
+    def test_close_all_with_nobody(self) -> None:
+        """With no connection open, closing all is done at once."""
+        self.successResultOf(Harness(self).factory.close_all(timeout=5))
