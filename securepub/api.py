@@ -223,6 +223,10 @@ def parse_ticket_request(body: dict[str, Any], now: float) -> Ticket:
             ip = normalize_ip(ip)
         except ValueError:
             raise RequestError("bad_request", "'client_ip' is not an IP address") from None
+    for name in ("subscribe", "publish"):
+        grants = body.get(name, [])
+        if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
+            raise RequestError("bad_request", f"'{name}' must be a list of topic patterns")
     ttl = body.get("ttl", DEFAULT_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not MIN_TTL <= ttl <= MAX_TTL:
         raise RequestError("bad_request", "'ttl' must be an integer from 1 to 300")

@@ -206,7 +206,8 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             self._close(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
             return
         session = self._session
-        if session is None:
+        if session is None or self.state != self.STATE_OPEN:
+            # Closing (too many errors, slow consumer, shutdown): take nothing more.
             return
         message_id: int | str | None = None
         try:

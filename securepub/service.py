@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 _log = Logger()
@@ -25,7 +27,16 @@ class Listener(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         self.node.log_warnings()
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            # twistd has replaced sys.stderr with its log by now; say it on the real one.
+            (sys.__stderr__ or sys.stderr).write(
+                f"twistd securepub: error: cannot listen on {e.interface or '*'}:{e.port}: "
+                f"{reason}\n"
+            )
+            raise SystemExit(1) from None
         _log.info(
             "securepub listening on https://{interface}:{port} (wss://.../ws)",
             securepub_event="listening",

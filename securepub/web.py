@@ -79,7 +79,9 @@ class CappedRequest(Request):
             b"Connection: close\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body) + body
         )
-        transport.loseConnection()
+        # Through the channel, which unregisters itself as the transport's
+        # producer first: TLS would otherwise wait for that before closing.
+        self.channel.loseConnection()
         _log.info(
             "request refused: body over {limit} bytes peer={peer}",
             securepub_event="body_too_large",
@@ -199,6 +201,9 @@ class WebSocketOnly(Resource):
     def render(self, request: Request) -> Any:
         if request.postpath not in ([], [b""]):
             return error_body(request, "not_found", "no such resource")
+        upgrade = (request.getHeader(b"upgrade") or b"").strip().lower()
+        if request.method != b"GET" or upgrade != b"websocket":
+            return error_body(request, "bad_request", "/ws only accepts WebSocket upgrades")
         return self._websocket.render(request)
 
 

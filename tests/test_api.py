@@ -173,7 +173,9 @@ class ApiTests(SynchronousTestCase):
             ({"user": "a", "ttl": 1.5}, "bad_request"),
             ({"user": "a", "client_ip": "not-an-ip"}, "bad_request"),
             ({"user": "a", "client_ip": None}, "bad_request"),
-            ({"user": "a", "subscribe": "news.*"}, "invalid_topic"),
+            ({"user": "a", "subscribe": "news.*"}, "bad_request"),
+            ({"user": "a", "subscribe": [5]}, "bad_request"),
+            ({"user": "a", "publish": {"a": 1}}, "bad_request"),
             ({"user": "a", "subscribe": ["news..x"]}, "invalid_topic"),
             ({"user": "a", "publish": ["a.>.b"]}, "invalid_topic"),
         ]
