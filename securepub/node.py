@@ -86,7 +86,9 @@ class Node:
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
             # /static/securepub.js always; /demo and /dev/ticket only with --dev.
-            **client_routes(settings, self.tickets, reactor),
+            **client_routes(
+                dev=settings.dev, port=settings.port, tickets=self.tickets, clock=reactor
+            ),
         }
         # An HTTP connection idle this long is closed (Twisted's default is 12
         # hours); it also bounds a TLS or HTTP handshake that never completes.

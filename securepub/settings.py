@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from securepub import jsonstrict
 from securepub.apikeys import ApiKeys, load_api_keys
@@ -99,6 +99,28 @@ class Settings:
     @property
     def enforce_origin(self) -> bool:
         return self.origin_policy == "enforce"
+
+
+DEMO_PATTERN: Final = "demo.>"
+
+
+def demo_topic_rule() -> TopicRule:
+    """The ``[[topics]]`` rule --dev adds so the demo page's publish form can work.
+
+    Equivalent to ``pattern = "demo.>"``, ``client_publish = true``, no schema.
+    """
+    return TopicRule(pattern=Pattern.parse(DEMO_PATTERN), client_publish=True)
+
+
+def with_demo_rule(rules: Sequence[TopicRule]) -> tuple[TopicRule, ...]:
+    """``rules`` with `demo_topic_rule` appended (for --dev).
+
+    Appended, because the first matching rule governs a topic: a configured
+    rule that matches a demo topic keeps deciding it (its schema, its
+    ``client_publish``), and the demo rule only opens the demo topics that no
+    configured rule mentions.
+    """
+    return (*rules, demo_topic_rule())
 
 
 def _load_toml(path: str) -> dict[str, Any]:
@@ -279,6 +301,9 @@ def load_settings(
         origins += (f"https://localhost:{port}", f"https://127.0.0.1:{port}")
     limits = _limits(merged.get("limits", {}))
     topics = _topic_rules(merged.get("topics", []), base)
+    if dev:
+        # The demo page publishes on demo.> (after the configured rules, which win).
+        topics = with_demo_rule(topics)
     api_key_file = merged["api_key_file"]
     return Settings(
         port=port,

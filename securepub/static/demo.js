@@ -1,0 +1,125 @@
+// The demo page: tickets from /dev/ticket, everything shown with textContent.
+import { connect } from "/static/securepub.js";
+
+const MAX_ITEMS = 200;
+const $ = (id) => document.getElementById(id);
+
+function prepend(list, item) {
+  list.prepend(item);
+  while (list.children.length > MAX_ITEMS) list.lastElementChild.remove();
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function logEvent(text, isError = false) {
+  const time = new Date().toLocaleTimeString();
+  prepend($("events"), element("li", isError ? "error" : "", time + "  " + text));
+}
+
+// A ticket for this page, bound to its address; POST + Origin, so other sites cannot mint one.
+async function getTicket() {
+  const response = await fetch("/dev/ticket", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: "{}",
+    cache: "no-store",
+    credentials: "same-origin",
+  });
+  if (!response.ok) throw new Error("/dev/ticket answered " + response.status);
+  return response.json();
+}
+
+function showMessage(message) {
+  const item = element("li", "message");
+  item.dataset.topic = String(message.topic);
+  item.dataset.id = String(message.id);
+  const time = typeof message.ts === "number" ? new Date(message.ts * 1000).toLocaleTimeString() : "";
+  item.append(
+    element("span", "topic", String(message.topic)),
+    element("span", "time", time),
+    element("span", "data", JSON.stringify(message.data)),
+  );
+  prepend($("messages"), item);
+}
+
+function addSubscription(topic) {
+  const item = element("li", "subscription");
+  item.dataset.topic = topic;
+  item.append(element("code", "", topic), " ");
+  const button = element("button", "", "Unsubscribe");
+  button.type = "button";
+  button.addEventListener("click", () => {
+    client.unsubscribe(topic).then(
+      () => logEvent("unsubscribed from " + topic),
+      (error) => logEvent("unsubscribe " + topic + ": " + error.code + ": " + error.message, true),
+    );
+    item.remove();
+  });
+  item.append(button);
+  $("subscriptions").append(item);
+}
+
+const client = connect({
+  getTicket,
+  onMessage: showMessage,
+  onError: (error) => logEvent(error.code + ": " + error.message, true),
+  onStateChange: (state, detail) => {
+    const label = $("state");
+    label.textContent = state;
+    label.dataset.state = state;
+    $("session").textContent = state === "open" ? "as " + detail.user + " (session " + detail.session + ")" : "";
+    document.body.dataset.state = state;
+    if (state === "reconnecting") logEvent("reconnecting in " + detail.delay + " ms");
+    else logEvent(state);
+  },
+});
+window.securepubDemo = client; // for the console and for tests
+
+function subscribe(topic) {
+  const already = document.querySelector('#subscriptions li[data-topic="' + CSS.escape(topic) + '"]');
+  if (!already) addSubscription(topic);
+  client.subscribe(topic).then(
+    () => logEvent("subscribed to " + topic),
+    (error) => {
+      logEvent("subscribe " + topic + ": " + error.code + ": " + error.message, true);
+      const item = document.querySelector('#subscriptions li[data-topic="' + CSS.escape(topic) + '"]');
+      if (item) item.remove();
+    },
+  );
+}
+
+$("subscribe-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  subscribe($("subscribe-topic").value.trim());
+});
+
+$("publish-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const result = $("publish-result");
+  let data;
+  try {
+    data = JSON.parse($("publish-data").value);
+  } catch (error) {
+    result.textContent = "not JSON: " + error.message;
+    result.className = "error";
+    return;
+  }
+  const topic = $("publish-topic").value.trim();
+  client.publish(topic, data).then(
+    () => {
+      result.textContent = "published to " + topic;
+      result.className = "";
+    },
+    (error) => {
+      result.textContent = error.code + ": " + error.message;
+      result.className = "error";
+    },
+  );
+});
+
+subscribe($("subscribe-topic").value.trim());

@@ -1,0 +1,559 @@
+"""The Python publishers (`securepub.client`, `securepub.client_twisted`) against real servers.
+
+Success paths and server refusals run against a real ``twistd securepub --dev``
+over verified TLS. Retry behaviour (503, connections dropped mid-request,
+non-JSON answers) and host-name checks need answers a correct server never
+gives, so those run against a small scripted TLS server in this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import trustme
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.trial.unittest import TestCase as TrialTestCase
+
+from securepub.client import (
+    APIError,
+    CertificateError,
+    ClientError,
+    ConnectionFailed,
+    IssuedTicket,
+    Publisher,
+    RetryPolicy,
+    parse_url,
+)
+from securepub.client_twisted import TwistedPublisher
+from tests.server import Server, free_port, recv_json, request_json, server_fixture
+
+srv = server_fixture(dev=True)
+
+
+class SleepRecorder:
+    """Stands in for ``time.sleep``: records the delays, and may run a hook on the first."""
+
+    def __init__(self, on_first: Callable[[], None] | None = None) -> None:
+        self.delays: list[float] = []
+        self._on_first = on_first
+
+    def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if len(self.delays) == 1 and self._on_first is not None:
+            self._on_first()
+
+
+def publisher(server: Server, **kwargs: Any) -> Publisher:
+    kwargs.setdefault("ca", server.ca_path)
+    return Publisher(server.url, server.api_key, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A CA that did not sign the server's certificate."""
+    path = tmp_path_factory.mktemp("other-ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+# -- the blocking Publisher against a real server ---------------------------
+
+
+def test_publish_returns_the_id_the_subscriber_sees(srv: Server) -> None:
+    """publish() returns the server's message id, and the data arrives unchanged."""
+    conn = srv.session(subscribe=["client.>"])
+    try:
+        assert request_json(conn, {"op": "subscribe", "id": 1, "topic": "client.>"})["op"] == "ok"
+        data = {"text": "hé", "n": [1, 2.5, None, True], "nested": {"a": {}}}
+        with publisher(srv) as pub:
+            message_id = pub.publish("client.one", data)
+        frame = recv_json(conn)
+        assert frame["op"] == "message"
+        assert frame["id"] == message_id
+        assert frame["topic"] == "client.one"
+        assert frame["data"] == data
+    finally:
+        conn.close()
+
+
+def test_issue_ticket_returns_a_ticket_the_server_redeems(srv: Server) -> None:
+    """issue_ticket() returns an IssuedTicket whose token opens a session; repr hides it."""
+    with publisher(srv) as pub:
+        issued = pub.issue_ticket("bob", client_ip="127.0.0.1", subscribe=["a.*"], ttl=20)
+    assert isinstance(issued, IssuedTicket)
+    assert issued.ticket not in repr(issued)
+    assert issued.expires_at > 0
+    conn = srv.ws(issued.ticket)
+    try:
+        welcome = recv_json(conn)
+        assert welcome["op"] == "welcome" and welcome["user"] == "bob"
+        assert request_json(conn, {"op": "subscribe", "id": 1, "topic": "a.b"})["op"] == "ok"
+        refused = request_json(conn, {"op": "subscribe", "id": 2, "topic": "b.c"})
+        assert refused["code"] == "forbidden"
+    finally:
+        conn.close()
+
+
+def test_one_connection_is_kept_alive_across_calls(srv: Server) -> None:
+    """Several calls reuse one TLS connection (same local port), not one per call."""
+    with publisher(srv) as pub:
+        pub.publish("client.keep", 1)
+        conn = pub._conn
+        assert conn is not None and conn.sock is not None
+        port = conn.sock.getsockname()[1]
+        pub.publish("client.keep", 2)
+        pub.issue_ticket("carol")
+        assert pub._conn is conn
+        assert conn.sock.getsockname()[1] == port
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda p: p.publish("bad topic", 1), "invalid_topic"),
+        (lambda p: p.publish("client.x.>", 1), "invalid_topic"),
+        (lambda p: p.publish("client.big", "x" * 66_000), "invalid_payload"),
+        (lambda p: p.publish("client.deep", _deep(40)), "invalid_payload"),
+        (lambda p: p.issue_ticket("dave", ttl=0), "bad_request"),
+        (lambda p: p.issue_ticket("", subscribe=["a"]), "bad_request"),
+        (lambda p: p.issue_ticket("dave", client_ip="not-an-ip"), "bad_request"),
+        (lambda p: p.issue_ticket("dave", subscribe=["a..b"]), "invalid_topic"),
+    ],
+)
+def test_a_400_raises_apierror_with_the_servers_code(
+    srv: Server, call: Callable[[Publisher], Any], code: str
+) -> None:
+    """Each refusal raises APIError carrying status 400 and the server's code; no retry."""
+    sleep = SleepRecorder()
+    with publisher(srv, sleep=sleep) as pub:
+        with pytest.raises(APIError) as caught:
+            call(pub)
+        assert caught.value.status == 400
+        assert caught.value.code == code
+        assert caught.value.message
+        assert sleep.delays == []
+        # The connection stays usable after a refusal.
+        assert pub.publish("client.after", 1)
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_wrong_api_key_is_unauthorized_and_never_echoed(srv: Server) -> None:
+    """A wrong key raises APIError 401 ``unauthorized``; the key is in no message or repr."""
+    key = "wrong-key-0123456789-abcdefghij"
+    sleep = SleepRecorder()
+    pub = Publisher(srv.url, key, ca=srv.ca_path, sleep=sleep)
+    with pytest.raises(APIError) as caught:
+        pub.publish("client.x", 1)
+    assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+    assert key not in str(caught.value) and key not in repr(caught.value)
+    assert key not in repr(pub)
+    assert sleep.delays == []
+    pub.close()
+
+
+def test_an_untrusted_ca_fails_verification_without_retrying(srv: Server, other_ca: str) -> None:
+    """A server certificate not signed by ``ca`` raises CertificateError at once."""
+    sleep = SleepRecorder()
+    pub = Publisher(srv.url, srv.api_key, ca=other_ca, sleep=sleep)
+    with pytest.raises(CertificateError) as caught:
+        pub.publish("client.x", 1)
+    assert "not trusted" in str(caught.value)
+    assert sleep.delays == []
+
+
+def test_the_system_trust_store_does_not_trust_a_dev_ca(srv: Server) -> None:
+    """Without ``ca`` the system's trust store is used, which knows nothing of the dev CA."""
+    with pytest.raises(CertificateError):
+        Publisher(srv.url, srv.api_key).publish("client.x", 1)
+
+
+def test_a_refused_connection_is_retried_with_backoff_then_reported() -> None:
+    """Connection refused is retried ``retries`` times with growing delays, then raised."""
+    sleep = SleepRecorder()
+    url = f"https://127.0.0.1:{free_port()}"
+    policy = RetryPolicy(retries=3, initial_delay=0.1, max_delay=0.3)
+    pub = Publisher(url, "k" * 32, sleep=sleep, retry=policy)
+    with pytest.raises(ConnectionFailed) as caught:
+        pub.publish("client.x", 1)
+    assert caught.value.refused and not caught.value.sent
+    assert "connection refused" in str(caught.value)
+    assert len(sleep.delays) == 3
+    bounds = [(0.05, 0.1), (0.1, 0.2), (0.15, 0.3)]
+    for delay, (low, high) in zip(sleep.delays, bounds, strict=True):
+        assert low <= delay <= high
+
+
+def test_a_server_coming_up_during_the_retries_gets_the_message() -> None:
+    """A publish that first meets a closed port succeeds once the server listens."""
+    server = Server(dev=True)
+    sleep = SleepRecorder(on_first=server.start)
+    try:
+        # The dev credentials exist only once the server ran: make them first.
+        server.start()
+        server.stop()
+        pub = Publisher(server.url, server.api_key, ca=server.ca_path, sleep=sleep)
+        assert pub.publish("client.late", 1)
+        assert len(sleep.delays) >= 1
+        pub.close()
+    finally:
+        server.cleanup()
+
+
+def test_a_connection_the_server_closed_between_calls_is_replaced() -> None:
+    """After the server drops the kept-alive connection, the next call reconnects quietly."""
+    server = Server(dev=True).start()
+    try:
+        pub = Publisher(server.url, server.api_key, ca=server.ca_path)
+        pub.publish("client.x", 1)
+        server.stop()
+        restarted = Server(dev=True, directory=server.directory, port=server.port).start()
+        try:
+            assert pub.publish("client.x", 2)
+        finally:
+            restarted.stop()
+        pub.close()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://localhost:8443", "https://"),
+        ("ws://localhost:8443", "https://"),
+        ("https://", "no host"),
+        ("https://user:pw@localhost:8443", "credentials"),
+        ("https://localhost:99999", "bad server URL"),
+        ("https://localhost:8443/?x=1", "query"),
+    ],
+)
+def test_bad_urls_are_refused_before_connecting(url: str, problem: str) -> None:
+    """Only https:// URLs without credentials, query or fragment are accepted."""
+    with pytest.raises(ClientError) as caught:
+        Publisher(url, "k" * 32)
+    assert problem in str(caught.value)
+
+
+def test_a_url_prefix_is_kept_and_the_websocket_url_derived() -> None:
+    """A path prefix (behind a proxy) prefixes every request; the wss URL follows."""
+    url = parse_url("https://example.com/pubsub/")
+    assert url.path("/v1/publish") == "/pubsub/v1/publish"
+    assert url.websocket == "wss://example.com:443/pubsub/ws"
+    assert parse_url("https://[::1]:8443").websocket == "wss://[::1]:8443/ws"
+
+
+def test_missing_or_bad_ca_files_and_keys_are_refused(tmp_path: Any) -> None:
+    """A CA file that is missing or not PEM, or an empty API key, raises ClientError."""
+    with pytest.raises(ClientError, match="does not exist"):
+        Publisher("https://localhost:8443", "k" * 32, ca=str(tmp_path / "nope.pem"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ClientError, match="no PEM certificate"):
+        Publisher("https://localhost:8443", "k" * 32, ca=str(junk))
+    with pytest.raises(ClientError, match="API key is required"):
+        Publisher("https://localhost:8443", " ")
+    with pytest.raises(ClientError, match="cannot carry"):
+        Publisher("https://localhost:8443", "a b\r\nX-Injected: 1")
+
+
+def test_data_that_is_not_json_is_refused_locally(srv: Server) -> None:
+    """NaN, Infinity and non-JSON types never leave the client."""
+    with publisher(srv) as pub:
+        for data in (float("nan"), float("inf"), {1, 2}, b"bytes"):
+            with pytest.raises(ClientError, match="not JSON"):
+                pub.publish("client.x", data)
+
+
+# -- retries and odd answers, against a scripted TLS server -----------------
+
+
+@pytest.fixture(scope="module")
+def stub_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def stub_ca_file(stub_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("stub") / "ca.pem"
+    stub_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+class Scripted:
+    """A TLS HTTP server answering request N with ``script[N]``.
+
+    An action is ``(status, body)`` or ``"drop"`` (close without answering,
+    after reading the request). ``requests`` records each request's path.
+    """
+
+    def __init__(self, cert: trustme.LeafCert, script: list[Any]) -> None:
+        self.script = list(script)
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(length)
+                outer.requests.append(self.path)
+                action = outer.script.pop(0) if outer.script else (500, b"{}")
+                if action == "drop":
+                    self.close_connection = True
+                    return
+                status, body = action
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def scripted(ca: trustme.CA, script: list[Any], name: str = "127.0.0.1") -> Iterator[Scripted]:
+    server = Scripted(ca.issue_cert(name), script)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+UNAVAILABLE = (503, b'{"error":"unavailable","message":"redis is down"}')
+ACCEPTED = (202, b'{"id":"m-1"}')
+
+
+def test_a_503_is_retried_until_it_passes(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """503 means nothing was done: the same request is sent again after a delay."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [UNAVAILABLE, UNAVAILABLE, ACCEPTED]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        assert pub.publish("a.b", 1) == "m-1"
+        pub.close()
+    assert server.requests == ["/v1/publish"] * 3
+    assert len(sleep.delays) == 2
+
+
+def test_retries_are_bounded(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """After ``retries`` retries of a 503 the APIError is raised."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [UNAVAILABLE] * 10) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep, retry=RetryPolicy(2))
+        with pytest.raises(APIError) as caught:
+            pub.publish("a.b", 1)
+        pub.close()
+    assert (caught.value.status, caught.value.code) == (503, "unavailable")
+    assert len(server.requests) == 3 and len(sleep.delays) == 2
+
+
+def test_a_connection_dropped_after_sending_is_not_retried(
+    stub_ca: trustme.CA, stub_ca_file: str
+) -> None:
+    """The request may have been carried out: ConnectionFailed(sent=True), sent once."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, ["drop", ACCEPTED]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        with pytest.raises(ConnectionFailed) as caught:
+            pub.publish("a.b", 1)
+        assert caught.value.sent
+        assert "may or may not" in str(caught.value)
+        assert server.requests == ["/v1/publish"]
+        assert sleep.delays == []
+        # The next call opens a new connection and works.
+        assert pub.publish("a.b", 2) == "m-1"
+        pub.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(502, b"<html>bad gateway</html>"), (202, b"not json"), (202, b"[]"), (202, b'{"id":5}')],
+)
+def test_answers_that_are_not_securepubs_raise_unexpected_response(
+    stub_ca: trustme.CA, stub_ca_file: str, answer: tuple[int, bytes]
+) -> None:
+    """A proxy's HTML page or a malformed answer is an APIError ``unexpected_response``."""
+    with scripted(stub_ca, [answer]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        with pytest.raises(APIError) as caught:
+            pub.publish("a.b", 1)
+        pub.close()
+    assert caught.value.code == "unexpected_response"
+
+
+def test_a_certificate_for_another_name_is_refused(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """A trusted CA is not enough: the certificate must name the host connected to."""
+    with scripted(stub_ca, [ACCEPTED], name="other.example") as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        with pytest.raises(CertificateError):
+            pub.publish("a.b", 1)
+    assert server.requests == []
+
+
+# -- the Twisted publisher -----------------------------------------------------
+
+
+@pytest.fixture(scope="class")
+def twisted_env(
+    request: pytest.FixtureRequest,
+    srv: Server,
+    other_ca: str,
+    stub_ca: trustme.CA,
+    stub_ca_file: str,
+) -> None:
+    request.cls.srv = srv
+    request.cls.other_ca = other_ca
+    request.cls.stub_ca = stub_ca
+    request.cls.stub_ca_file = stub_ca_file
+
+
+@pytest.mark.usefixtures("twisted_env")
+class TwistedPublisherTests(TrialTestCase):
+    """TwistedPublisher on the real reactor, against the same servers."""
+
+    srv: Server
+    other_ca: str
+    stub_ca: trustme.CA
+    stub_ca_file: str
+    timeout = 20
+
+    def publisher(self, **kwargs: Any) -> TwistedPublisher:
+        kwargs.setdefault("ca", self.srv.ca_path)
+        url = kwargs.pop("url", self.srv.url)
+        key = kwargs.pop("api_key", self.srv.api_key)
+        pub = TwistedPublisher(reactor, url, key, **kwargs)
+        self.addCleanup(pub.close)
+        return pub
+
+    def test_publish_and_issue_ticket(self) -> Deferred[None]:
+        """publish() fires with the message id, issue_ticket() with a redeemable ticket."""
+
+        async def run() -> None:
+            pub = self.publisher()
+            message_id = await pub.publish("twisted.one", {"a": 1})
+            assert isinstance(message_id, str) and message_id
+            issued = await pub.issue_ticket("erin", subscribe=["twisted.*"], ttl=10)
+            conn = self.srv.ws(issued.ticket)
+            try:
+                assert recv_json(conn)["user"] == "erin"
+            finally:
+                conn.close()
+
+        return ensureDeferred(run())
+
+    def test_a_400_fails_with_the_servers_code(self) -> Deferred[None]:
+        """A refused publish fails with APIError carrying ``invalid_topic``."""
+
+        async def run() -> None:
+            pub = self.publisher()
+            try:
+                await pub.publish("bad topic", 1)
+            except APIError as e:
+                assert (e.status, e.code) == (400, "invalid_topic")
+            else:
+                raise AssertionError("no APIError")
+
+        return ensureDeferred(run())
+
+    def test_an_untrusted_ca_fails_verification(self) -> Deferred[None]:
+        """A certificate from another CA fails with CertificateError."""
+
+        async def run() -> None:
+            pub = self.publisher(ca=self.other_ca)
+            try:
+                await pub.publish("twisted.x", 1)
+            except CertificateError:
+                pass
+            else:
+                raise AssertionError("no CertificateError")
+
+        return ensureDeferred(run())
+
+    def test_the_host_name_is_verified(self) -> Deferred[None]:
+        """service_identity refuses a trusted certificate issued for another name."""
+
+        async def run() -> None:
+            with scripted(self.stub_ca, [ACCEPTED], name="other.example") as server:
+                pub = self.publisher(url=server.url, ca=self.stub_ca_file, api_key="k" * 32)
+                try:
+                    await pub.publish("a.b", 1)
+                except CertificateError:
+                    pass
+                else:
+                    raise AssertionError("no CertificateError")
+                await pub.close()
+            assert server.requests == []
+
+        return ensureDeferred(run())
+
+    def test_503_is_retried_and_refused_connections_are_bounded(self) -> Deferred[None]:
+        """503 is retried until it passes; a closed port is retried, then reported."""
+
+        async def run() -> None:
+            policy = RetryPolicy(retries=2, initial_delay=0.01, max_delay=0.02)
+            with scripted(self.stub_ca, [UNAVAILABLE, ACCEPTED]) as server:
+                pub = self.publisher(
+                    url=server.url, ca=self.stub_ca_file, api_key="k" * 32, retry=policy
+                )
+                assert await pub.publish("a.b", 1) == "m-1"
+                await pub.close()
+            assert len(server.requests) == 2
+            closed = self.publisher(url=f"https://127.0.0.1:{free_port()}", retry=policy)
+            try:
+                await closed.publish("a.b", 1)
+            except ConnectionFailed as e:
+                assert e.refused
+            else:
+                raise AssertionError("no ConnectionFailed")
+
+        return ensureDeferred(run())
+
+
+def test_nothing_in_the_client_turns_verification_off() -> None:
+    """No CERT_NONE, check_hostname=False or unverified context anywhere in the clients."""
+    import securepub.cli
+    import securepub.client
+    import securepub.client_twisted
+
+    for module in (securepub.client, securepub.client_twisted, securepub.cli):
+        assert module.__file__ is not None
+        with open(module.__file__, encoding="utf-8") as f:
+            source = f.read()
+        for forbidden in (
+            "CERT_NONE",
+            "check_hostname",
+            "_create_unverified_context",
+            "verify=False",
+        ):
+            assert forbidden not in source, (module.__name__, forbidden)
