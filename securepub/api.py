@@ -16,6 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from securepub import jsonstrict
 from securepub.apikeys import ApiKeys
 from securepub.broker import Broker
+from securepub.clientip import ProxyPolicy
 from securepub.errors import RequestError
 from securepub.ratelimit import TokenBucket
 from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, normalize_ip
@@ -77,7 +78,29 @@ def error_body(request: Request, code: str, message: str) -> bytes:
 
 
 def client_ip(request: Request) -> str:
-    return str(getattr(request.getClientAddress(), "host", "unknown"))
+    """The client's address: the TCP peer, or behind a trusted proxy the client it names."""
+    known = getattr(request, "_securepub_client_ip", None)
+    if isinstance(known, str):
+        return known
+    peer = str(getattr(request.getClientAddress(), "host", "unknown"))
+    proxies: ProxyPolicy | None = getattr(getattr(request, "site", None), "proxies", None)
+    address = peer
+    if proxies is not None:
+        headers = request.requestHeaders
+        found = proxies.client(
+            peer,
+            [v.decode("latin-1") for v in headers.getRawHeaders(b"forwarded", [])],
+            [v.decode("latin-1") for v in headers.getRawHeaders(b"x-forwarded-for", [])],
+        )
+        if found.ignored_headers:
+            _log.info(
+                "forwarding headers from an untrusted peer ignored peer={peer}",
+                securepub_event="proxy_headers_ignored",
+                peer=peer,
+            )
+        address = found.ip
+    request._securepub_client_ip = address  # type: ignore[attr-defined]
+    return address
 
 
 class JSONResource(Resource):
@@ -131,13 +154,20 @@ class BackendResource(JSONResource):
         self._clock = clock
         self._failures: dict[str, TokenBucket] = {}
 
-    def render_POST(self, request: Request) -> bytes | int:
+    def refusal(self, request: Request) -> bytes | None:
+        """The error body if the caller may not use the backend API, else None."""
         peer = client_ip(request)
         bucket = self._failures.get(peer)
         if bucket is not None and bucket.available() < 1:
             return error_body(request, "rate_limited", "too many failed authentications")
         if not self._authenticated(request, peer):
             return error_body(request, "unauthorized", "a valid API key is required")
+        return None
+
+    def render_POST(self, request: Request) -> bytes | int:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
         media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if media != b"application/json":
             return error_body(request, "unsupported_media_type", "send application/json")
@@ -281,3 +311,26 @@ class PublishResource(BackendResource):
             raise RequestError("bad_request", "'topic' must be a string")
         d = self._broker.publish(body["topic"], body["data"])
         return d.addCallback(lambda message_id: respond(request, 202, {"id": message_id}))
+
+
+class MetricsResource(BackendResource):
+    """``GET /metrics``: Prometheus text, for holders of an API key only."""
+
+    allowed_methods = (b"GET",)
+
+    def __init__(
+        self,
+        api_keys: ApiKeys,
+        clock: IReactorTime,
+        render_metrics: Callable[[], str],
+    ) -> None:
+        super().__init__(api_keys, clock)
+        self._render_metrics = render_metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        respond(request, 200, {})
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._render_metrics().encode("utf-8")

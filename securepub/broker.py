@@ -16,6 +16,7 @@ from zope.interface import Interface, implementer
 from securepub import jsonstrict
 from securepub.errors import RequestError
 from securepub.fanout import IFanout, LocalFanout
+from securepub.metrics import Metrics
 from securepub.ratelimit import TokenBucket
 from securepub.settings import Limits
 from securepub.topics import Pattern, SubscriptionIndex, covered_by_any, validate_topic
@@ -107,6 +108,7 @@ class Broker:
         prepare: Callable[[bytes], Any] = _identity,
         node_id: str | None = None,
         fanout: IFanout | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._validator = validator
         self._limits = limits
@@ -115,6 +117,7 @@ class Broker:
         # Message ids must be unique across nodes: 48 random bits per node.
         self._node = node_id or secrets.token_hex(6)
         self._fanout: IFanout = fanout if fanout is not None else LocalFanout()
+        self.metrics = metrics if metrics is not None else Metrics()
         self._fanout.start(self.deliver)
         #: Publishes handed to the engine and not yet answered.
         self._in_flight = 0
@@ -202,6 +205,7 @@ class Broker:
         ``unavailable`` when it could not (nothing was published).
         """
         body = self._validator.validate(topic, data)
+        self.metrics.messages_in += 1
         message_id = f"{self._node}-{next(self._message_numbers)}"
         self._in_flight += 1
         d = self._fanout.publish(topic, message_id, self._clock.seconds(), body)
@@ -245,6 +249,7 @@ class Broker:
             + "}"
         ).encode("utf-8")
         prepared = self._prepare(frame)
+        self.metrics.messages_out += len(targets)
         for session in targets:
             try:
                 session.subscriber.send_prepared(prepared)

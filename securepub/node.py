@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -10,10 +11,11 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from securepub.api import Health, PublishResource, TicketsResource
+from securepub.api import Health, MetricsResource, PublishResource, TicketsResource
 from securepub.broker import Broker
 from securepub.devpages import client_routes
 from securepub.fanout import IFanout, LocalFanout
+from securepub.metrics import Metrics
 from securepub.origin import OriginPolicy
 from securepub.protocol import SecurePubFactory
 from securepub.redisfanout import CHANNEL, RedisFanout
@@ -72,19 +74,30 @@ class Node:
             fanout = redis_fanout
         # The broker frames messages with the factory's prepareMessage (looked
         # up at call time, see _prepare), so it can be built first.
-        self.broker = Broker(self.validator, limits, reactor, prepare=self._prepare, fanout=fanout)
+        self.metrics = Metrics()
+        self.broker = Broker(
+            self.validator,
+            limits,
+            reactor,
+            prepare=self._prepare,
+            fanout=fanout,
+            metrics=self.metrics,
+        )
         self.factory = SecurePubFactory(
             broker=self.broker,
             tickets=self.tickets,
             origin_policy=self.origin_policy,
             limits=limits,
             clock=reactor,
+            proxies=settings.proxies,
+            metrics=self.metrics,
         )
         routes = {
             b"ws": WebSocketOnly(WebSocketResource(self.factory)),
             b"healthz": Health(self.health_problem),
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
+            b"metrics": MetricsResource(settings.api_keys, reactor, self.render_metrics),
             # /static/securepub.js always; /demo and /dev/ticket only with --dev.
             **client_routes(
                 dev=settings.dev, port=settings.port, tickets=self.tickets, clock=reactor
@@ -97,11 +110,21 @@ class Node:
             max_body_bytes=limits.max_frame_bytes,
             timeout=HTTP_IDLE_TIMEOUT,
             reactor=reactor,
+            proxies=settings.proxies,
         )
 
     def services(self) -> list[RedisLink]:
         """Services to run beside the listener (the Redis links, when clustered)."""
         return list(self.redis_links)
+
+    def render_metrics(self) -> str:
+        gauges: dict[str, Callable[[], float]] = {
+            "open_connections": lambda: len(self.factory.open_connections),
+            "ticket_store_entries": lambda: self.tickets.size(),
+        }
+        if self.redis_links:
+            gauges["redis_up"] = lambda: float(self.health_problem() is None)
+        return self.metrics.render(gauges)
 
     def health_problem(self) -> str | None:
         """Why this node cannot serve now, or None (``/healthz``)."""

@@ -16,7 +16,9 @@ from zope.interface import implementer
 
 from securepub import jsonstrict
 from securepub.broker import Broker, Grants, ISubscriber, Session
+from securepub.clientip import ProxyPolicy
 from securepub.errors import RequestError
+from securepub.metrics import Metrics
 from securepub.origin import OriginPolicy
 from securepub.ratelimit import ConnectionCounter
 from securepub.settings import Limits
@@ -114,12 +116,20 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Any:  # Deferred[str | None]
         f = self.factory
         headers = request.headers
-        peer = _peer_ip(self.transport)
+        tcp_peer = _peer_ip(self.transport)
+        found = f.proxies.client(
+            tcp_peer,
+            [headers["forwarded"]] if "forwarded" in headers else [],
+            [headers["x-forwarded-for"]] if "x-forwarded-for" in headers else [],
+        )
+        peer = found.ip
         self._hs = {
             "peer": peer,
             "origin": (headers.get("origin") or "")[:200] or None,
             "user_agent": (headers.get("user-agent") or "")[:200] or None,
             "user": None,
+            "tcp_peer": tcp_peer,
+            "proxy_headers_ignored": found.ignored_headers,
         }
         decision = f.origin_policy.check(headers.get("origin"))
         self._hs["origin_decision"] = decision.reason
@@ -174,6 +184,8 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             origin_decision=hs.get("origin_decision"),
             user=hs.get("user"),
             user_agent=hs.get("user_agent"),
+            tcp_peer=hs.get("tcp_peer"),
+            proxy_headers_ignored=hs.get("proxy_headers_ignored"),
         )
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
@@ -244,6 +256,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
 
     def _error(self, message_id: int | str | None, code: str, message: str) -> None:
         self._send_json({"op": "error", "id": message_id, "code": code, "message": message})
+        self.factory.metrics.errors[code] += 1
         self._errors_sent += 1
         if self._errors_sent >= self.factory.limits.max_errors:
             self._log.info(
@@ -344,6 +357,8 @@ class SecurePubFactory(WebSocketServerFactory):
         open_handshake_timeout: float = 10.0,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
+        proxies: ProxyPolicy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(server="securepub")
         self.broker = broker
@@ -352,6 +367,8 @@ class SecurePubFactory(WebSocketServerFactory):
         self.limits = limits
         self.clock = clock
         self.connections = ConnectionCounter(limits.max_connections_per_ip)
+        self.proxies = proxies if proxies is not None else ProxyPolicy(())
+        self.metrics = metrics if metrics is not None else Metrics()
         #: Open WebSocket connections (past the handshake), for a clean stop.
         self.open_connections: set[SecurePubServerProtocol] = set()
         self._all_gone: list[Deferred[None]] = []

@@ -9,7 +9,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 _log = Logger()
 
@@ -64,8 +64,13 @@ class NodeService(MultiService):
         self.listener = Listener(node)
         self.listener.setServiceParent(self)
 
+    def startService(self) -> None:
+        globalLogPublisher.addObserver(self.node.metrics)
+        super().startService()
+
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
+        globalLogPublisher.removeObserver(self.node.metrics)
         node = self.node
         started = node.reactor.seconds()
         sessions = len(node.factory.open_connections)

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from securepub import jsonstrict
 from securepub.apikeys import ApiKeys, load_api_keys
+from securepub.clientip import ProxyPolicy
 from securepub.clustersign import ClusterSigner, load_cluster_secret
 from securepub.errors import ConfigError, RequestError
 from securepub.redislink import RedisTarget
@@ -33,7 +34,13 @@ _OPTION_KEYS = (
     "cluster_secret_file",
     "audit_log",
 )
-_TOP_KEYS = frozenset(_OPTION_KEYS) | {"allowed_origins", "origin_policy", "limits", "topics"}
+_TOP_KEYS = frozenset(_OPTION_KEYS) | {
+    "allowed_origins",
+    "origin_policy",
+    "limits",
+    "topics",
+    "trusted_proxies",
+}
 _TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
 _PATH_KEYS = (
     "cert",
@@ -95,6 +102,7 @@ class Settings:
     redis: RedisTarget | None = None
     cluster_signer: ClusterSigner | None = field(default=None, repr=False)
     audit_log: str | None = None
+    proxies: ProxyPolicy = field(default_factory=lambda: ProxyPolicy(()))
 
     @property
     def enforce_origin(self) -> bool:
@@ -229,9 +237,9 @@ def _load_schema(path: str, key: str) -> Mapping[str, Any]:
     return schema
 
 
-def _origins(value: object) -> tuple[str, ...]:
+def _string_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError("allowed_origins: expected a list of strings")
+        raise ConfigError(f"{key}: expected a list of strings")
     return tuple(value)
 
 
@@ -296,7 +304,7 @@ def load_settings(
     policy = merged.get("origin_policy", "enforce")
     if policy not in ("enforce", "log"):
         raise ConfigError(f"origin_policy: expected 'enforce' or 'log', got {str(policy)[:40]!r}")
-    origins = _origins(merged.get("allowed_origins", []))
+    origins = _string_list(merged.get("allowed_origins", []), "allowed_origins")
     if dev:
         origins += (f"https://localhost:{port}", f"https://127.0.0.1:{port}")
     limits = _limits(merged.get("limits", {}))
@@ -320,4 +328,5 @@ def load_settings(
         redis=redis,
         cluster_signer=signer,
         audit_log=merged.get("audit_log"),
+        proxies=ProxyPolicy(_string_list(merged.get("trusted_proxies", []), "trusted_proxies")),
     )

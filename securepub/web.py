@@ -15,6 +15,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from securepub.api import NotFound, error_body
+from securepub.clientip import ProxyPolicy
 
 _log = Logger()
 
@@ -167,11 +168,14 @@ class SecurePubSite(Site):
         resource: IResource,
         max_body_bytes: int,
         headers_timeout: float = 10.0,
+        proxies: ProxyPolicy | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.headers_timeout = headers_timeout
+        #: Trusted reverse proxies, for the client's address (see `api.client_ip`).
+        self.proxies = proxies
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -12,9 +12,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.api import Health, PublishResource, TicketsResource
+from securepub.api import Health, MetricsResource, PublishResource, TicketsResource
 from securepub.apikeys import ApiKeys
 from securepub.broker import Broker, Grants, RecordingSubscriber
+from securepub.clientip import ProxyPolicy
+from securepub.metrics import Metrics
 from securepub.origin import OriginPolicy
 from securepub.protocol import SecurePubFactory
 from securepub.settings import Limits
@@ -338,3 +340,77 @@ class HeadersDeadlineTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertTrue(transport.disconnecting)
         channel.connectionLost(None)
+
+
+class MetricsAndProxyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryTicketStore(self.clock)
+        keys = ApiKeys([KEY.encode()])
+        self.metrics = Metrics()
+        self.metrics.messages_in = 3
+        self.site = SecurePubSite(
+            Root(
+                {
+                    b"metrics": MetricsResource(
+                        keys,
+                        self.clock,
+                        lambda: self.metrics.render({"open_connections": lambda: 2}),
+                    ),
+                    b"v1/tickets": TicketsResource(keys, self.clock, self.store),
+                }
+            ),
+            max_body_bytes=5000,
+            reactor=self.clock,
+            proxies=ProxyPolicy(["192.0.2.0/24"]),
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def raw(self, data: bytes, peer: str = "192.0.2.5") -> Response:
+        channel = self.site.buildProtocol(IPv4Address("TCP", peer, 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 4000))
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return Response(transport.value())
+
+    def test_metrics_need_a_key(self) -> None:
+        """/metrics answers Prometheus text to API key holders, 401 to others."""
+        r = self.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(r.status, 401)
+        r = self.raw(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+        )
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.headers[b"content-type"].startswith(b"text/plain; version=0.0.4"))
+        self.assertIn(b"securepub_messages_in_total 3\n", r.body)
+        self.assertIn(b"securepub_open_connections 2\n", r.body)
+
+    def ticket_peer(self, peer: str, forwarded_for: str) -> str:
+        body = b'{"user": "u"}'
+        self.raw(
+            b"POST /v1/tickets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nX-Forwarded-For: "
+            + forwarded_for.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body,
+            peer=peer,
+        )
+        [issued] = [e for e in self.events if e.get("securepub_event") == "ticket_issued"]
+        self.events.clear()
+        return str(issued["peer"])
+
+    def test_client_address_behind_trusted_proxy(self) -> None:
+        """Behind a trusted proxy the client's address is taken from X-Forwarded-For."""
+        self.assertEqual(self.ticket_peer("192.0.2.5", "6.6.6.6, 203.0.113.7"), "203.0.113.7")
+
+    def test_untrusted_peer_cannot_claim_an_address(self) -> None:
+        """An untrusted peer's X-Forwarded-For is ignored, and that is logged."""
+        self.assertEqual(self.ticket_peer("198.51.100.1", "203.0.113.7"), "198.51.100.1")
+        self.raw(b"GET /metrics HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", peer="198.51.100.1")
+        self.assertTrue(
+            any(e.get("securepub_event") == "proxy_headers_ignored" for e in self.events)
+        )

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
 from securepub.broker import Broker
+from securepub.clientip import ProxyPolicy
 from securepub.origin import OriginPolicy
 from securepub.protocol import SecurePubFactory, SecurePubServerProtocol
 from securepub.settings import Limits
@@ -473,3 +474,33 @@ class CloseAllTests(SynchronousTestCase):
     def test_close_all_with_nobody(self) -> None:
         """With no connection open, closing all is done at once."""
         self.successResultOf(Harness(self).factory.close_all(timeout=5))
+
+
+class ProxyHandshakeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self)
+        self.h.factory.proxies = ProxyPolicy(["10.0.0.0/8"])
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_ticket_bound_to_the_forwarded_client(self) -> None:
+        """Through a trusted proxy, the ticket's IP is checked against the forwarded client."""
+        token = self.h.ticket(client_ip=PEER)
+        extra = {"X-Forwarded-For": f"6.6.6.6, {PEER}"}
+        conn = self.h.connect(handshake(protocols=["ticket." + token], extra=extra), "10.1.2.3")
+        self.assertEqual(conn.status(), 101)
+        [event] = [e for e in self.events if e.get("securepub_event") == "handshake"]
+        self.assertEqual((event["peer"], event["tcp_peer"]), (PEER, "10.1.2.3"))
+        self.assertEqual(self.h.factory.connections.count(PEER), 1)
+
+    def test_untrusted_forwarding_ignored(self) -> None:
+        """A client cannot claim another address: its X-Forwarded-For is ignored and logged."""
+        token = self.h.ticket(client_ip=PEER)
+        extra = {"X-Forwarded-For": PEER}
+        conn = self.h.connect(handshake(protocols=["ticket." + token], extra=extra), "198.51.100.9")
+        self.assertEqual(conn.status(), 403)
+        [event] = [e for e in self.events if e.get("securepub_event") == "handshake"]
+        self.assertEqual(
+            (event["reason"], event["proxy_headers_ignored"]), ("ticket_wrong_ip", True)
+        )
