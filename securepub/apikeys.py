@@ -37,6 +37,10 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"<ApiKeys: {len(self._digests)} key(s)>"
 
+    def replace(self, other: ApiKeys) -> None:
+        """Take ``other``'s keys (a reload): one assignment, so no check sees half."""
+        self._digests = other._digests
+
     def check(self, candidate: bytes) -> bool:
         """Whether ``candidate`` is one of the keys, in time independent of which."""
         wanted = _digest(candidate)

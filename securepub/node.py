@@ -12,8 +12,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from securepub.api import Health, MetricsResource, PublishResource, TicketsResource
+from securepub.apikeys import load_api_keys
 from securepub.broker import Broker
 from securepub.devpages import client_routes
+from securepub.errors import ConfigError
 from securepub.fanout import IFanout, LocalFanout
 from securepub.metrics import Metrics
 from securepub.origin import OriginPolicy
@@ -23,7 +25,7 @@ from securepub.redislink import RedisLink
 from securepub.redistickets import RedisTicketStore
 from securepub.settings import Settings
 from securepub.tickets import ITicketStore, MemoryTicketStore
-from securepub.tls import server_context_factory
+from securepub.tls import ReloadableServerTLS, server_context_factory
 from securepub.validation import PayloadValidator
 from securepub.web import Root, SecurePubSite, WebSocketOnly
 
@@ -44,7 +46,7 @@ class Node:
         self.settings = settings
         self.reactor = reactor
         limits = settings.limits
-        self.tls = server_context_factory(settings.cert, settings.key)
+        self.tls = ReloadableServerTLS(server_context_factory(settings.cert, settings.key))
         self.origin_policy = OriginPolicy(settings.allowed_origins, settings.enforce_origin)
         self.validator = PayloadValidator(
             limits.max_message_bytes, limits.max_json_depth, settings.topics
@@ -116,6 +118,37 @@ class Node:
     def services(self) -> list[RedisLink]:
         """Services to run beside the listener (the Redis links, when clustered)."""
         return list(self.redis_links)
+
+    def reload(self) -> None:
+        """Reload the certificate, key and API keys (SIGHUP).
+
+        New connections get the new certificate; open ones keep theirs. A
+        file that does not load is refused with a log line and the old one
+        is kept, so a bad deploy cannot take the node down.
+        """
+        settings = self.settings
+        try:
+            self.tls.current = server_context_factory(settings.cert, settings.key)
+            _log.info("reloaded certificate {cert}", cert=settings.cert, securepub_event="reloaded")
+        except ConfigError as e:
+            _log.error(
+                "reload refused, keeping the current certificate: {problem}",
+                problem=str(e),
+                securepub_event="reload_refused",
+            )
+        try:
+            settings.api_keys.replace(load_api_keys(settings.api_key_file))
+            _log.info(
+                "reloaded API keys from {path}",
+                path=settings.api_key_file,
+                securepub_event="reloaded",
+            )
+        except ConfigError as e:
+            _log.error(
+                "reload refused, keeping the current API keys: {problem}",
+                problem=str(e),
+                securepub_event="reload_refused",
+            )
 
     def render_metrics(self) -> str:
         gauges: dict[str, Callable[[], float]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -54,6 +55,8 @@ class NodeService(MultiService):
     need. A plain MultiService would stop all of them at once.
     """
 
+    _previous_sighup: Any = signal.SIG_DFL
+
     def __init__(self, node: Any, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         super().__init__()
         self.node = node
@@ -67,10 +70,17 @@ class NodeService(MultiService):
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.node.metrics)
         super().startService()
+        reactor = self.node.reactor
+        # SIGHUP reloads certificate, key and API keys; signal handlers run
+        # between bytecodes, so the work is handed to the reactor's thread.
+        self._previous_sighup = signal.signal(
+            signal.SIGHUP, lambda *_: reactor.callFromThread(self.node.reload)
+        )
 
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         globalLogPublisher.removeObserver(self.node.metrics)
+        signal.signal(signal.SIGHUP, self._previous_sighup)
         node = self.node
         started = node.reactor.seconds()
         sessions = len(node.factory.open_connections)

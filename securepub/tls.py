@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from OpenSSL import SSL
-from twisted.internet.interfaces import IAcceptableCiphers
+from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 from securepub.errors import ConfigError
 
@@ -169,3 +170,19 @@ def server_context_factory(cert_path: str, key_path: str) -> CertificateOptions:
             f"cannot use certificate {cert_path} with key {key_path}: {type(e).__name__}"
         ) from None
     return options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """The listener's TLS settings, which a reload can swap for new ones.
+
+    Each new connection takes the options current when it arrives; open
+    connections keep the ones they were made with.
+    """
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.current = options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection: SSL.Connection = self.current.serverConnectionForTLS(tlsProtocol)
+        return connection
