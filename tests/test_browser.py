@@ -181,7 +181,8 @@ def test_the_page_publishes_a_message_itself(page: Any, env: Env) -> None:
         page.fill("#publish-topic", "demo.from-page")
         page.fill("#publish-data", '{"text": "hello from the browser", "ok": true}')
         page.click("#publish-button")
-        page.wait_for_function("document.querySelector('#publish-result').textContent !== ''")
+        # A selector wait, not wait_for_function: the page's CSP forbids eval.
+        page.wait_for_selector("#publish-result:not(:empty)")
         assert page.text_content("#publish-result") == "published to demo.from-page"
         frame = recv_json(conn)
         assert frame["topic"] == "demo.from-page"
