@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -239,12 +239,17 @@ def _check_fields(body: dict[str, Any], allowed: frozenset[str], required: tuple
             raise RequestError("bad_request", f"missing field {name!r}")
 
 
-def parse_ticket_request(body: dict[str, Any], now: float) -> Ticket:
-    """Validate a ``POST /v1/tickets`` body into a `Ticket` (SPEC section 2)."""
-    _check_fields(body, _TICKET_FIELDS, ("user",))
+def _user(body: dict[str, Any]) -> str:
     user = body["user"]
     if not isinstance(user, str) or not user or len(user.encode("utf-8")) > MAX_USER_BYTES:
         raise RequestError("bad_request", "'user' must be a non-empty string of at most 255 bytes")
+    return user
+
+
+def parse_ticket_request(body: dict[str, Any], now: float) -> Ticket:
+    """Validate a ``POST /v1/tickets`` body into a `Ticket` (SPEC section 2)."""
+    _check_fields(body, _TICKET_FIELDS, ("user",))
+    user = _user(body)
     ip = body.get("client_ip")
     if ip is not None or "client_ip" in body:
         if not isinstance(ip, str):
@@ -334,3 +339,42 @@ class MetricsResource(BackendResource):
         respond(request, 200, {})
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return self._render_metrics().encode("utf-8")
+
+
+_DISCONNECT_FIELDS = frozenset({"user", "revoke_tickets"})
+
+
+class DisconnectResource(BackendResource):
+    """``POST /v1/disconnect``: close a user's sessions on every node, and by
+    default revoke the user's unredeemed tickets first so none can reconnect."""
+
+    def __init__(
+        self, api_keys: ApiKeys, clock: IReactorTime, broker: Broker, store: ITicketStore
+    ) -> None:
+        super().__init__(api_keys, clock)
+        self._broker = broker
+        self._store = store
+
+    def handle(self, request: Request, body: dict[str, Any]) -> Deferred[bytes]:
+        _check_fields(body, _DISCONNECT_FIELDS, ("user",))
+        user = _user(body)
+        revoke = body.get("revoke_tickets", True)
+        if not isinstance(revoke, bool):
+            raise RequestError("bad_request", "'revoke_tickets' must be true or false")
+        peer = client_ip(request)
+        d: Deferred[int] = self._store.revoke_user(user) if revoke else succeed(0)
+
+        def disconnect(revoked: int) -> Deferred[bytes]:
+            _log.info(
+                "user disconnected user={user!r} revoked_tickets={revoked} peer={peer}",
+                securepub_event="user_disconnected",
+                user=user,
+                revoked=revoked,
+                peer=peer,
+            )
+            done = self._broker.disconnect_user(user)
+            return done.addCallback(
+                lambda _: respond(request, 202, {"user": user, "revoked_tickets": revoked})
+            )
+
+        return d.addCallback(disconnect)

@@ -27,6 +27,10 @@ SECURITY_EVENTS = frozenset(
         "headers_timeout",
         "slow_consumer",
         "cluster_message_dropped",
+        "user_disconnected",
+        "sessions_revoked",
+        "proxy_headers_ignored",
+        "reload_refused",
     }
 )
 

@@ -29,6 +29,9 @@ class ISubscriber(Interface):
     def send_prepared(prepared: Any) -> None:
         """Send one frame made by the broker's ``prepare`` callable."""
 
+    def revoke() -> None:
+        """The session was revoked: close the connection (it left the broker already)."""
+
 
 @implementer(ISubscriber)
 class RecordingSubscriber:
@@ -36,9 +39,13 @@ class RecordingSubscriber:
 
     def __init__(self) -> None:
         self.sent: list[Any] = []
+        self.revoked = False
 
     def send_prepared(self, prepared: Any) -> None:
         self.sent.append(prepared)
+
+    def revoke(self) -> None:
+        self.revoked = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +125,7 @@ class Broker:
         self._node = node_id or secrets.token_hex(6)
         self._fanout: IFanout = fanout if fanout is not None else LocalFanout()
         self.metrics = metrics if metrics is not None else Metrics()
-        self._fanout.start(self.deliver)
+        self._fanout.start(self.deliver, self.disconnect_local)
         #: Publishes handed to the engine and not yet answered.
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
@@ -257,6 +264,26 @@ class Broker:
                 # One broken subscriber must not cost the others their copy.
                 self._log.failure("delivery failed session={session}", session=session.id)
         return len(targets)
+
+    def disconnect_user(self, user: str) -> Deferred[None]:
+        """Close every session of ``user`` on every node (revocation)."""
+        message_id = f"{self._node}-{next(self._message_numbers)}"
+        return self._fanout.disconnect(user, message_id, self._clock.seconds())
+
+    def disconnect_local(self, user: str) -> int:
+        """Close this node's sessions of ``user``; returns how many."""
+        doomed = [s for s in self.sessions.values() if s.user == user]
+        for session in doomed:
+            self.close_session(session)
+            session.subscriber.revoke()
+        if doomed:
+            self._log.info(
+                "revoked {count} session(s) of user={user}",
+                securepub_event="sessions_revoked",
+                count=len(doomed),
+                user=user,
+            )
+        return len(doomed)
 
     def _refuse(self, session: Session, action: str, topic: str, why: str) -> None:
         self._log.info(

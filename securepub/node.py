@@ -11,7 +11,13 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from securepub.api import Health, MetricsResource, PublishResource, TicketsResource
+from securepub.api import (
+    DisconnectResource,
+    Health,
+    MetricsResource,
+    PublishResource,
+    TicketsResource,
+)
 from securepub.apikeys import load_api_keys
 from securepub.broker import Broker
 from securepub.devpages import client_routes
@@ -100,6 +106,9 @@ class Node:
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
             b"metrics": MetricsResource(settings.api_keys, reactor, self.render_metrics),
+            b"v1/disconnect": DisconnectResource(
+                settings.api_keys, reactor, self.broker, self.tickets
+            ),
             # /static/securepub.js always; /demo and /dev/ticket only with --dev.
             **client_routes(
                 dev=settings.dev, port=settings.port, tickets=self.tickets, clock=reactor

@@ -34,6 +34,8 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SLOW_CONSUMER = 4008
 #: The server is shutting down: reconnect (to another node) with a new ticket.
 CLOSE_GOING_AWAY = 1001
+#: The user's sessions were revoked (POST /v1/disconnect).
+CLOSE_REVOKED = 4001
 
 #: Largest integer ``id`` echoed back: JavaScript's Number.MAX_SAFE_INTEGER.
 MAX_INT_ID = 2**53 - 1
@@ -326,6 +328,11 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             self._session = None
         self._close(CLOSE_SLOW_CONSUMER, "slow consumer")
         return True
+
+    def revoke(self) -> None:
+        """ISubscriber: the broker revoked this session; close with 4001."""
+        self._session = None
+        self._close(CLOSE_REVOKED, "revoked")
 
     def going_away(self) -> None:
         """Close with 1001 because this node is stopping."""

@@ -13,7 +13,7 @@ from zope.interface import implementer
 from securepub import jsonstrict
 from securepub.clustersign import ClusterSigner
 from securepub.errors import RequestError
-from securepub.fanout import Deliver, IFanout
+from securepub.fanout import Deliver, Disconnect, IFanout
 from securepub.redislink import IRedisLink, RedisUnavailable
 from securepub.tickets import SecondsClock
 from securepub.topics import validate_topic
@@ -28,6 +28,9 @@ UNSIGNED = "1"
 SIGNED = "2"
 #: Signed messages older or newer than this (seconds) are dropped as replays.
 MAX_CLOCK_SKEW = 60.0
+#: The "topic" of a control message closing a user's sessions on every node;
+#: no real topic can take this name (``!`` is outside the topic grammar).
+DISCONNECT = "!disconnect"
 #: Origin nodes remembered for replay checks before the table starts over.
 MAX_TRACKED_NODES = 10_000
 
@@ -76,20 +79,25 @@ class RedisFanout:
         self._clock = clock
         self._signer = signer
         self._deliver: Deliver | None = None
+        self._disconnect: Disconnect | None = None
         #: origin node -> highest message number seen from it (signed traffic)
         self._last_seen: dict[str, int] = {}
 
-    def start(self, deliver: Deliver) -> None:
+    def start(self, deliver: Deliver, disconnect: Disconnect) -> None:
         self._deliver = deliver
+        self._disconnect = disconnect
 
     def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
         message = encode(topic, message_id, ts, body, self._signer)
         d = self._commands.execute("PUBLISH", CHANNEL, message)
         return d.addCallbacks(lambda _: None, _unavailable)
 
+    def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
+        return self.publish(DISCONNECT, message_id, ts, jsonstrict.dumps(user))
+
     def received(self, channel: str, message: str) -> None:
         """A message from the subscribed link; check it, then deliver it here."""
-        if channel != CHANNEL or self._deliver is None:
+        if channel != CHANNEL or self._deliver is None or self._disconnect is None:
             return
         version, _, rest = message.partition("\n") if isinstance(message, str) else ("", "", "")
         problem = None
@@ -114,11 +122,17 @@ class RedisFanout:
                 securepub_event="cluster_message_dropped",
             )
             return
+        if topic == DISCONNECT:
+            user = jsonstrict.loads(body)
+            if isinstance(user, str):
+                self._disconnect(user)
+            return
         self._deliver(topic, message_id, float(ts_text), body)
 
     def _check(self, topic: str, message_id: str, ts_text: str, body: str) -> str | None:
         try:
-            validate_topic(topic)
+            if topic != DISCONNECT:
+                validate_topic(topic)
         except RequestError:
             return "bad topic"
         match = _MESSAGE_ID.fullmatch(message_id)

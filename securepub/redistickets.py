@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -28,6 +29,30 @@ from securepub.topics import Pattern
 
 KEY_PREFIX = "securepub:ticket:"
 USED_PREFIX = "securepub:ticket-used:"
+#: A set per user (keyed by the user's hash) of that user's ticket keys, for revocation.
+USER_PREFIX = "securepub:user-tickets:"
+
+# Store a ticket and add it to its user's set in one step; the set lives as
+# long as the user's longest ticket.
+ISSUE_SCRIPT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 0 end
+redis.call('SADD', KEYS[2], KEYS[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# Delete every ticket in the user's set, and the set: the count of tickets
+# that were still there (not yet redeemed or expired) is returned.
+REVOKE_SCRIPT = """
+local revoked = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  revoked = revoked + redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[1])
+return revoked
+"""
 
 # Redeem in one step on the server, so two nodes racing on a ticket cannot
 # both win: take the ticket and leave a tombstone for the rest of its life
@@ -96,12 +121,18 @@ class RedisTicketStore:
         ttl_ms = max(1, math.ceil((ticket.expires_at - self._clock.seconds()) * 1000))
 
         def stored(reply: Any) -> str:
-            if reply != "OK":  # NX refused: 256 random bits collided, or bad randomness
+            if reply != 1:  # NX refused: 256 random bits collided, or bad randomness
                 raise StoreUnavailable("could not store a new ticket")
             return token
 
-        d = self._redis.execute("SET", key, _dump(ticket), "PX", ttl_ms, "NX")
+        d = self._redis.execute(
+            "EVAL", ISSUE_SCRIPT, 2, key, _user_key(ticket.user), _dump(ticket), ttl_ms
+        )
         return d.addCallbacks(stored, _unavailable)
+
+    def revoke_user(self, user: str) -> Deferred[int]:
+        d = self._redis.execute("EVAL", REVOKE_SCRIPT, 1, _user_key(user))
+        return d.addCallbacks(int, _unavailable)
 
     def redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]:
         if not is_token(token):
@@ -128,6 +159,11 @@ class RedisTicketStore:
     def size(self) -> int:
         # Entries live in Redis and expire there; this node holds none.
         return 0
+
+
+def _user_key(user: str) -> str:
+    # Hashed: user names never appear in Redis key names.
+    return USER_PREFIX + hashlib.sha256(user.encode("utf-8")).hexdigest()
 
 
 def _unavailable(failure: Failure) -> Failure:

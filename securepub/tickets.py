@@ -157,6 +157,9 @@ class ITicketStore(Interface):
     def size() -> int:
         """Number of entries held (live tickets and tombstones), for metrics."""
 
+    def revoke_user(user: str) -> Deferred[int]:
+        """Make every unredeemed ticket of ``user`` unusable; fire with how many."""
+
 
 def encode_token(raw: bytes) -> str:
     """A token's text: unpadded base64url of its random bytes."""
@@ -264,3 +267,10 @@ class MemoryTicketStore:
     def size(self) -> int:
         """Number of entries held (live tickets and tombstones)."""
         return len(self._live) + len(self._tombstones)
+
+    def revoke_user(self, user: str) -> Deferred[int]:
+        """Burn ``user``'s live tickets (a scan: revocation is rare, issuing is not)."""
+        keys = [key for key, ticket in self._live.items() if ticket.user == user]
+        for key in keys:
+            self._tombstones[key] = self._live.pop(key).expires_at
+        return defer.succeed(len(keys))

@@ -12,7 +12,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.api import Health, MetricsResource, PublishResource, TicketsResource
+from securepub.api import (
+    DisconnectResource,
+    Health,
+    MetricsResource,
+    PublishResource,
+    TicketsResource,
+)
 from securepub.apikeys import ApiKeys
 from securepub.broker import Broker, Grants, RecordingSubscriber
 from securepub.clientip import ProxyPolicy
@@ -414,3 +420,52 @@ class MetricsAndProxyTests(SynchronousTestCase):
         self.assertTrue(
             any(e.get("securepub_event") == "proxy_headers_ignored" for e in self.events)
         )
+
+
+class DisconnectTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryTicketStore(self.clock)
+        self.broker = Broker(PayloadValidator(1000, 4, ()), Limits(), self.clock)
+        keys = ApiKeys([KEY.encode()])
+        self.site = SecurePubSite(
+            Root({b"v1/disconnect": DisconnectResource(keys, self.clock, self.broker, self.store)}),
+            max_body_bytes=5000,
+            reactor=self.clock,
+        )
+
+    def post(self, body: bytes) -> Response:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.5", 1))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.5", 1))
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST /v1/disconnect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        return Response(transport.value())
+
+    def test_disconnect_revokes_tickets_and_sessions(self) -> None:
+        """202 with the number of revoked tickets; the user's sessions are closed."""
+        from securepub.tickets import Ticket
+
+        self.store.issue(Ticket("alice", None, (), (), 30.0))
+        sub = RecordingSubscriber()
+        self.broker.open_session("alice", Grants(), "ip", sub)
+        r = self.post(b'{"user": "alice"}')
+        self.assertEqual((r.status, r.json()), (202, {"user": "alice", "revoked_tickets": 1}))
+        self.assertTrue(sub.revoked)
+        r = self.post(b'{"user": "alice", "revoke_tickets": false}')
+        self.assertEqual(r.json()["revoked_tickets"], 0)
+
+    def test_bad_disconnect_requests(self) -> None:
+        """A missing or bad user, or a bad flag, is 400 bad_request."""
+        for body in (
+            b"{}",
+            b'{"user": ""}',
+            b'{"user": 1}',
+            b'{"user": "a", "revoke_tickets": 1}',
+            b'{"user": "a", "x": 1}',
+        ):
+            r = self.post(body)
+            self.assertEqual((r.status, r.json()["error"]), (400, "bad_request"), body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -195,8 +195,13 @@ class RecordingFanout:
         self.published: list[tuple[str, str, float, str]] = []
         self.pending: list[Deferred[None]] = []
 
-    def start(self, deliver: Any) -> None:
+    def start(self, deliver: Any, disconnect: Any) -> None:
         self.deliver = deliver
+        self.disconnect_sink = disconnect
+
+    def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
+        self.disconnect_sink(user)
+        return succeed(None)
 
     def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
         self.published.append((topic, message_id, ts, body))
@@ -253,3 +258,21 @@ class IdleTests(SynchronousTestCase):
         self.successResultOf(idle)
         self.successResultOf(first)
         self.failureResultOf(second, RequestError)
+
+
+class RevocationTests(SynchronousTestCase):
+    def test_disconnect_user_closes_only_that_user(self) -> None:
+        """Revoking a user closes each of its sessions (and only its) and forgets them."""
+        broker = Broker(PayloadValidator(1000, 8, ()), Limits(), Clock())
+        g = grants(subscribe=(">",))
+        alice = [RecordingSubscriber() for _ in range(2)]
+        bob = RecordingSubscriber()
+        for sub in alice:
+            broker.subscribe(broker.open_session("alice", g, "ip", sub), "a")
+        broker.subscribe(broker.open_session("bob", g, "ip", bob), "a")
+        self.successResultOf(broker.disconnect_user("alice"))
+        self.assertEqual([s.revoked for s in alice], [True, True])
+        self.assertFalse(bob.revoked)
+        self.assertEqual([s.user for s in broker.sessions.values()], ["bob"])
+        self.successResultOf(broker.publish("a", 1))
+        self.assertEqual((len(alice[0].sent), len(bob.sent)), (0, 1))

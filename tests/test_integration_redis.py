@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.redis_server import RedisServer
 from tests.server import Server, recv_json, request_json
@@ -154,6 +154,25 @@ def test_forged_message_reaches_no_browser(
     assert (message["id"], message["data"]) == (real, "signed")
     b.wait_for_log(lambda text: "redis: unsigned" in text and "redis: bad signature" in text)
     subscriber.close()
+
+
+def test_disconnect_revokes_on_every_node(nodes: tuple[Server, Server]) -> None:
+    """POST /v1/disconnect on A closes the user's sessions on A and B with 4001 and
+    revokes the user's unredeemed tickets; other users stay connected."""
+    a, b = nodes
+    on_a = a.session(user="mallory", subscribe=["news.*"])
+    on_b = b.session(user="mallory", subscribe=["news.*"])
+    bystander = b.session(user="alice", subscribe=["news.*"])
+    spare = a.ticket(user="mallory")
+    status, _, body = a.api("POST", "/v1/disconnect", {"user": "mallory"})
+    assert (status, body) == (202, {"user": "mallory", "revoked_tickets": 1})
+    for conn in (on_a, on_b):
+        with pytest.raises(ConnectionClosed) as closed:
+            recv_json(conn, timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    assert refused_status(b, spare) == 403
+    assert request_json(bystander, {"op": "subscribe", "id": 1, "topic": "news.*"})["op"] == "ok"
+    bystander.close()
 
 
 def test_redis_outage_and_recovery(nodes: tuple[Server, Server], redis: RedisServer) -> None:

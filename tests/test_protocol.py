@@ -504,3 +504,17 @@ class ProxyHandshakeTests(SynchronousTestCase):
         self.assertEqual(
             (event["reason"], event["proxy_headers_ignored"]), ("ticket_wrong_ip", True)
         )
+
+
+class RevokeTests(SynchronousTestCase):
+    def test_revoked_session_closes_with_4001(self) -> None:
+        """A revoked user's connection is closed with 4001 and takes no more frames."""
+        h = Harness(self)
+        conn = h.open()
+        other = h.open(user="bob")
+        self.successResultOf(h.factory.broker.disconnect_user("alice"))
+        self.assertEqual(conn.close_code(), 4001)
+        self.assertIsNone(other.close_code())
+        conn.messages()
+        conn.send({"op": "subscribe", "id": 1, "topic": "chat.a"})
+        self.assertEqual(conn.messages(), [])

@@ -17,7 +17,13 @@ from securepub.clustersign import ClusterSigner
 from securepub.errors import ConfigError, RequestError
 from securepub.redisfanout import CHANNEL, RedisFanout, encode
 from securepub.redislink import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
-from securepub.redistickets import KEY_PREFIX, USED_PREFIX, RedisTicketStore
+from securepub.redistickets import (
+    ISSUE_SCRIPT,
+    KEY_PREFIX,
+    USED_PREFIX,
+    USER_PREFIX,
+    RedisTicketStore,
+)
 from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
 from securepub.topics import Pattern
 
@@ -62,7 +68,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
 
     def issue(self, t: Ticket | None = None) -> str:
         d = self.store.issue(t or ticket())
-        self.redis.pending[-1].callback("OK")
+        self.redis.pending[-1].callback(1)
         token: str = self.successResultOf(d)
         return token
 
@@ -76,11 +82,14 @@ class RedisTicketStoreTests(SynchronousTestCase):
         self.failureResultOf(link.execute("PING"), RedisUnavailable)
 
     def test_issue_stores_hash_with_ttl(self) -> None:
-        """A ticket is SET NX under its token's hash, expiring with the ticket."""
+        """A ticket is stored NX under its token's hash, expiring with the ticket, and
+        indexed under its user's hash for revocation."""
         token = self.issue()
-        [(command, key, value, px, ttl, nx)] = self.redis.commands
-        self.assertEqual((command, px, ttl, nx), ("SET", "PX", 30000, "NX"))
+        [(command, script, nkeys, key, user_key, value, ttl)] = self.redis.commands
+        self.assertEqual((command, script, nkeys, ttl), ("EVAL", ISSUE_SCRIPT, 2, 30000))
         self.assertEqual(key, KEY_PREFIX + token_key(token).hex())
+        self.assertTrue(user_key.startswith(USER_PREFIX))
+        self.assertNotIn("alice", user_key)
         self.assertNotIn(token, repr(self.redis.commands))
         self.assertEqual(
             json.loads(value),
@@ -96,7 +105,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
     def test_redeem_is_one_script(self) -> None:
         """Redemption is one EVAL on the ticket's key and its tombstone."""
         token = self.issue()
-        value = self.redis.commands[0][2]
+        value = self.redis.commands[0][5]
         d = self.store.redeem(token, "203.0.113.7")
         command, _, nkeys, key, used = self.redis.commands[1]
         self.assertEqual((command, nkeys), ("EVAL", 2))
@@ -163,7 +172,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
         self.redis.pending[-1].errback(ValueError("ERR script"))
         self.failureResultOf(d, StoreUnavailable)
         d = self.store.issue(ticket())
-        self.redis.pending[-1].callback(None)  # NX refused
+        self.redis.pending[-1].callback(0)  # NX refused
         self.failureResultOf(d, StoreUnavailable)
 
 
@@ -174,7 +183,8 @@ class RedisFanoutTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.fanout = RedisFanout(self.redis, max_body_bytes=100, clock=self.clock)
         self.delivered: list[tuple[str, str, float, str]] = []
-        self.fanout.start(lambda *args: self.delivered.append(args))
+        self.disconnected: list[str] = []
+        self.fanout.start(lambda *args: self.delivered.append(args), self.disconnected.append)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -255,7 +265,8 @@ class SignedFanoutTests(SynchronousTestCase):
         self.redis = FakeRedisLink()
         self.fanout = RedisFanout(self.redis, 100, clock=self.clock, signer=SIGNER)
         self.delivered: list[tuple[str, str, float, str]] = []
-        self.fanout.start(lambda *args: self.delivered.append(args))
+        self.disconnected: list[str] = []
+        self.fanout.start(lambda *args: self.delivered.append(args), self.disconnected.append)
 
     def test_publish_is_signed(self) -> None:
         """What a node publishes carries an HMAC another node accepts."""
@@ -293,3 +304,30 @@ class SignedFanoutTests(SynchronousTestCase):
         """A cluster secret under 32 bytes stops the start."""
         self.assertRaises(ConfigError, ClusterSigner, b"short")
         self.assertNotIn("k" * 32, repr(SIGNER))
+
+
+class RevocationOverRedisTests(SynchronousTestCase):
+    def test_revoke_user_is_one_script(self) -> None:
+        """Revoking a user's tickets is one EVAL over the user's set."""
+        redis = FakeRedisLink()
+        store = RedisTicketStore(redis, Clock())
+        d = store.revoke_user("alice")
+        [(command, _, nkeys, user_key)] = redis.commands
+        self.assertEqual((command, nkeys), ("EVAL", 1))
+        self.assertTrue(user_key.startswith(USER_PREFIX))
+        redis.pending[0].callback(3)
+        self.assertEqual(self.successResultOf(d), 3)
+
+    def test_disconnect_travels_signed(self) -> None:
+        """A disconnect crosses Redis as a signed control message; forgeries are dropped."""
+        clock = Clock()
+        clock.advance(1000)
+        redis = FakeRedisLink()
+        fanout = RedisFanout(redis, 100, clock=clock, signer=SIGNER)
+        delivered: list[object] = []
+        disconnected: list[str] = []
+        fanout.start(lambda *a: delivered.append(a), disconnected.append)
+        fanout.disconnect("alice", "n1-1", 1000.0)
+        fanout.received(CHANNEL, redis.commands[0][2])
+        fanout.received(CHANNEL, encode("!disconnect", "n2-1", 1000.0, '"bob"'))
+        self.assertEqual((disconnected, delivered), (["alice"], []))

@@ -365,3 +365,21 @@ class NormalizeIpTests(SynchronousTestCase):
             self.assertEqual(once, str(address.ipv4_mapped))
         else:
             self.assertEqual(ipaddress.ip_address(once), address)
+
+
+class RevokeUserTests(SynchronousTestCase):
+    def test_revoke_user_burns_only_that_users_tickets(self) -> None:
+        """Revoked tickets are refused; other users' tickets still work."""
+        from twisted.internet.task import Clock
+
+        from securepub.tickets import MemoryTicketStore, Ticket, TicketRefused
+
+        clock = Clock()
+        store = MemoryTicketStore(clock)
+        alice = [store.issue(Ticket("alice", None, (), (), 30.0)).result for _ in range(2)]
+        bob = store.issue(Ticket("bob", None, (), (), 30.0)).result
+        self.assertEqual(self.successResultOf(store.revoke_user("alice")), 2)
+        for token in alice:
+            self.failureResultOf(store.redeem(token, "192.0.2.1"), TicketRefused)
+        self.assertEqual(self.successResultOf(store.redeem(bob, "192.0.2.1")).user, "bob")
+        self.assertEqual(self.successResultOf(store.revoke_user("alice")), 0)
