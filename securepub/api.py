@@ -202,6 +202,9 @@ class BackendResource(JSONResource):
         self._finish(body, request)
 
     def _authenticated(self, request: Request, peer: str) -> bool:
+        if _client_certificate(request) is not None:
+            # Verified during the TLS handshake against --client-ca (tls.py).
+            return True
         header = request.getHeader(b"authorization") or b""
         scheme, _, credential = header.partition(b" ")
         ok = scheme.lower() == b"bearer" and self._api_keys.check(credential.strip())
@@ -228,6 +231,13 @@ class BackendResource(JSONResource):
 
     def handle(self, request: Request, body: dict[str, Any]) -> bytes | Deferred[bytes]:
         raise NotImplementedError
+
+
+def _client_certificate(request: Request) -> object | None:
+    """The client certificate of the request's TLS connection, if it presented one."""
+    transport = getattr(request.channel, "transport", None)
+    get = getattr(transport, "getPeerCertificate", None)
+    return get() if get is not None else None
 
 
 def _check_fields(body: dict[str, Any], allowed: frozenset[str], required: tuple[str, ...]) -> None:

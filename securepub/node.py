@@ -52,7 +52,9 @@ class Node:
         self.settings = settings
         self.reactor = reactor
         limits = settings.limits
-        self.tls = ReloadableServerTLS(server_context_factory(settings.cert, settings.key))
+        self.tls = ReloadableServerTLS(
+            server_context_factory(settings.cert, settings.key, settings.client_ca)
+        )
         self.origin_policy = OriginPolicy(settings.allowed_origins, settings.enforce_origin)
         self.validator = PayloadValidator(
             limits.max_message_bytes, limits.max_json_depth, settings.topics
@@ -137,7 +139,9 @@ class Node:
         """
         settings = self.settings
         try:
-            self.tls.current = server_context_factory(settings.cert, settings.key)
+            self.tls.current = server_context_factory(
+                settings.cert, settings.key, settings.client_ca
+            )
             _log.info("reloaded certificate {cert}", cert=settings.cert, securepub_event="reloaded")
         except ConfigError as e:
             _log.error(

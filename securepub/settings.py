@@ -299,8 +299,6 @@ def load_settings(
         if redis is None:
             raise ConfigError("cluster_secret_file: only used together with redis")
         signer = load_cluster_secret(merged["cluster_secret_file"])
-    if merged.get("client_ca") is not None:
-        raise ConfigError("client_ca: client-certificate authentication is not available yet")
     policy = merged.get("origin_policy", "enforce")
     if policy not in ("enforce", "log"):
         raise ConfigError(f"origin_policy: expected 'enforce' or 'log', got {str(policy)[:40]!r}")
@@ -328,5 +326,6 @@ def load_settings(
         redis=redis,
         cluster_signer=signer,
         audit_log=merged.get("audit_log"),
+        client_ca=merged.get("client_ca"),
         proxies=ProxyPolicy(_string_list(merged.get("trusted_proxies", []), "trusted_proxies")),
     )

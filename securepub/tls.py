@@ -59,11 +59,13 @@ class _HardenedCertificateOptions(CertificateOptions):
         leaf: x509.Certificate,
         chain: Sequence[x509.Certificate],
         key: _ServerKey,
+        client_ca: str | None = None,
     ) -> None:
         super().__init__(raiseMinimumTo=TLSVersion.TLSv1_2, acceptableCiphers=_acceptable_ciphers())
         self._leaf = leaf
         self._chain = tuple(chain)
         self._key = key
+        self._client_ca = client_ca
 
     def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
         ctx = super()._makeContext(skipCiphers=skipCiphers)
@@ -74,6 +76,15 @@ class _HardenedCertificateOptions(CertificateOptions):
         for cert in self._chain:
             ctx.add_extra_chain_cert(cert)
         ctx.check_privatekey()
+        if self._client_ca is not None:
+            # Ask for a client certificate, never require one: browsers on /ws
+            # have none. Only this CA is named in the request, so a browser
+            # holding unrelated certificates has nothing to offer and is not
+            # prompted; a certificate that is offered must verify or the
+            # handshake fails, so one that is present has been verified.
+            ctx.load_verify_locations(self._client_ca)
+            ctx.load_client_ca(self._client_ca.encode())
+            ctx.set_verify(SSL.VERIFY_PEER, None)
         return ctx
 
 
@@ -144,7 +155,9 @@ def _acceptable_ciphers() -> IAcceptableCiphers:
     return IAcceptableCiphers(AcceptableCiphers.fromOpenSSLCipherString(_TLS12_CIPHERS))
 
 
-def server_context_factory(cert_path: str, key_path: str) -> CertificateOptions:
+def server_context_factory(
+    cert_path: str, key_path: str, client_ca: str | None = None
+) -> CertificateOptions:
     """Build the listener's TLS options from a PEM chain and a PEM key.
 
     Everything is checked here, before the port opens, so a bad file stops
@@ -159,7 +172,9 @@ def server_context_factory(cert_path: str, key_path: str) -> CertificateOptions:
     if _spki(leaf.public_key()) != _spki(key.public_key()):
         raise ConfigError(f"key {key_path} does not match certificate {cert_path}")
     try:
-        options = _HardenedCertificateOptions(leaf, chain[1:], key)
+        if client_ca is not None:
+            _load_chain(client_ca)  # readable and holds certificates, or a ConfigError
+        options = _HardenedCertificateOptions(leaf, chain[1:], key, client_ca)
         # Build the context now: a chain OpenSSL refuses should stop the
         # start here, not surface as a failure in the first handshake.
         options.getContext()

@@ -133,9 +133,10 @@ class SettingsTests(SynchronousTestCase):
             del options[key]
             self.assertIn(key.replace("-", "_"), self.error(options))
 
-    def test_client_ca_refused_for_now(self) -> None:
-        """--client-ca stops the start instead of being ignored."""
-        self.assertIn("client_ca", self.error(self.options(**{"client-ca": "ca.pem"})))
+    def test_client_ca_path(self) -> None:
+        """--client-ca is a path, relative to the working directory."""
+        s = load_settings(self.options(**{"client-ca": "ca.pem"}), self.dir)
+        self.assertEqual(s.client_ca, os.path.join(self.dir, "ca.pem"))
 
     def test_redis_url(self) -> None:
         """redis:// and rediss:// URLs with credentials and a database are parsed."""
