@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -41,7 +42,7 @@ def test_stalled_client_closed_others_served() -> None:
         http = server.connection()
         headers = {"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"}
         for n in range(MESSAGES):
-            body = '{"topic": "bulk.data", "data": {"n": %d, "pad": "%s"}}' % (n, PAD)
+            body = json.dumps({"topic": "bulk.data", "data": {"n": n, "pad": PAD}})
             http.request("POST", "/v1/publish", body, headers)
             response = http.getresponse()
             response.read()
