@@ -17,8 +17,8 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from tests.redis_server import RedisServer  # noqa: E402
-from tests.server import Server, recv_json, request_json  # noqa: E402
+from tests.redis_server import RedisServer
+from tests.server import Server, recv_json, request_json
 
 
 def redemptions(redis_url: str, count: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from tests.server import Server  # noqa: E402
+from tests.server import Server
 
 
 async def open_sessions(server: Server, count: int) -> list[object]:
