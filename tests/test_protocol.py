@@ -518,3 +518,42 @@ class RevokeTests(SynchronousTestCase):
         conn.messages()
         conn.send({"op": "subscribe", "id": 1, "topic": "chat.a"})
         self.assertEqual(conn.messages(), [])
+
+
+class TimeoutTests(SynchronousTestCase):
+    """Deadlines on the injected clock (txaio's loop replaced by a Clock)."""
+
+    def test_opening_handshake_deadline(self) -> None:
+        """A handshake still incomplete after 10 s (here: the store never answers) is dropped."""
+        h = Harness(self)
+        h.factory.tickets = _SlowStore()
+        conn = h.connect(handshake(protocols=["ticket." + "D" * 43]))
+        h.clock.advance(9.9)
+        self.assertFalse(conn.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_ping_and_pong_deadline(self) -> None:
+        """Every 30 s a ping is sent; no pong within 10 s closes the connection."""
+        h = Harness(self)
+        conn = h.open()
+        h.clock.advance(29.9)
+        self.assertNotIn(9, [opcode for opcode, _ in conn.frames()])
+        h.clock.advance(0.1)
+        self.assertIn(9, [opcode for opcode, _ in conn.frames()])
+        h.clock.advance(9.9)
+        self.assertFalse(conn.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertTrue(conn.transport.disconnecting or conn.close_code() is not None)
+
+    def test_pong_keeps_the_connection(self) -> None:
+        """A client that answers pings stays connected."""
+        h = Harness(self)
+        conn = h.open()
+        for _ in range(3):
+            h.clock.advance(30)
+            ping = [payload for opcode, payload in conn.frames() if opcode == 9][-1]
+            conn.send(ping, opcode=10)
+            h.clock.advance(10)
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertIsNone(conn.close_code())
