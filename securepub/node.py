@@ -8,7 +8,7 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from securepub.api import (
@@ -29,6 +29,7 @@ from securepub.protocol import SecurePubFactory
 from securepub.redisfanout import CHANNEL, RedisFanout
 from securepub.redislink import RedisLink
 from securepub.redistickets import RedisTicketStore
+from securepub.reuseport import ReusePortTLSEndpoint
 from securepub.settings import Settings
 from securepub.tickets import ITicketStore, MemoryTicketStore
 from securepub.tls import ReloadableServerTLS, server_context_factory
@@ -201,10 +202,13 @@ class Node:
         for text in self.warnings():
             _log.warn("{warning}", warning=text, securepub_event="config_warning")
 
-    def endpoint(self) -> SSL4ServerEndpoint:
+    def endpoint(self) -> IStreamServerEndpoint:
         """The TLS endpoint; there is no plaintext listener."""
+        settings = self.settings
+        if settings.reuse_port:
+            return ReusePortTLSEndpoint(self.reactor, settings.port, self.tls, settings.interface)
         return SSL4ServerEndpoint(
-            self.reactor, self.settings.port, self.tls, interface=self.settings.interface
+            self.reactor, settings.port, self.tls, interface=settings.interface
         )
 
     def listen(self) -> Deferred[IListeningPort]:

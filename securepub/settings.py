@@ -40,6 +40,7 @@ _TOP_KEYS = frozenset(_OPTION_KEYS) | {
     "limits",
     "topics",
     "trusted_proxies",
+    "reuse_port",
 }
 _TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
 _PATH_KEYS = (
@@ -103,6 +104,7 @@ class Settings:
     cluster_signer: ClusterSigner | None = field(default=None, repr=False)
     audit_log: str | None = None
     proxies: ProxyPolicy = field(default_factory=lambda: ProxyPolicy(()))
+    reuse_port: bool = False
 
     @property
     def enforce_origin(self) -> bool:
@@ -299,6 +301,11 @@ def load_settings(
         if redis is None:
             raise ConfigError("cluster_secret_file: only used together with redis")
         signer = load_cluster_secret(merged["cluster_secret_file"])
+    reuse_port = bool(options.get("reuse-port")) or merged.get("reuse_port", False)
+    if not isinstance(reuse_port, bool):
+        raise ConfigError("reuse_port: expected true or false")
+    if reuse_port and merged.get("redis") is None:
+        raise ConfigError("reuse_port: needs redis, which carries messages between the processes")
     policy = merged.get("origin_policy", "enforce")
     if policy not in ("enforce", "log"):
         raise ConfigError(f"origin_policy: expected 'enforce' or 'log', got {str(policy)[:40]!r}")
@@ -327,5 +334,6 @@ def load_settings(
         cluster_signer=signer,
         audit_log=merged.get("audit_log"),
         client_ca=merged.get("client_ca"),
+        reuse_port=reuse_port,
         proxies=ProxyPolicy(_string_list(merged.get("trusted_proxies", []), "trusted_proxies")),
     )

@@ -23,6 +23,12 @@ class Options(usage.Options):
     synopsis = "[--dev | --config PATH] [options]"
     optFlags = [
         [
+            "reuse-port",
+            None,
+            "Share the port with other securepub processes on this host (SO_REUSEPORT; "
+            "needs --redis).",
+        ],
+        [
             "dev",
             None,
             "Generate (once) development certificates and an API key under "

@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.redis_server import RedisServer
-from tests.server import Server, recv_json, request_json
+from tests.server import Server, free_port, recv_json, request_json
 
 CONFIG = {"topics": [{"pattern": "chat.*", "client_publish": True}]}
 SECRET = {"cluster-secret": "correct horse battery staple, shared by all nodes"}
@@ -253,3 +253,40 @@ def test_rediss_verifies_the_server() -> None:
         node.cleanup()
         untrusting.cleanup()
         tls.cleanup()
+
+
+def test_reuse_port_processes_share_one_port(redis: RedisServer, tmp_path: Any) -> None:
+    """With --reuse-port two processes serve one port; a publish reaches all."""
+    port = free_port()
+    key = "shared-key-" + "k" * 32
+    keys = tmp_path / "shared-api-keys"
+    keys.write_text(key + "\n")
+    # The later --api-key-file wins: both processes accept the same key.
+    args = ["--redis", redis.url(db=2), "--reuse-port", "--api-key-file", str(keys)]
+    first = Server(port=port, extra_args=args)
+    second = Server(port=port, extra_args=args)
+    try:
+        first.start()
+        first.api_key = key
+        second.start()
+        second.api_key = key
+        # /healthz may have been answered by the other process: wait for each one's log.
+        for node in (first, second):
+            node.wait_for_log(lambda text: "securepub listening" in text)
+        subscribers = []
+        for _ in range(16):
+            conn = first.session(subscribe=["spread.*"])
+            assert (
+                request_json(conn, {"op": "subscribe", "id": 1, "topic": "spread.*"})["op"] == "ok"
+            )
+            subscribers.append(conn)
+        # The kernel spread the connections over both processes.
+        assert "handshake accepted" in first.log_text()
+        assert "handshake accepted" in second.log_text()
+        message_id = first.publish("spread.x", 1)
+        for conn in subscribers:
+            assert recv_json(conn)["id"] == message_id
+            conn.close()
+    finally:
+        first.cleanup()
+        second.cleanup()

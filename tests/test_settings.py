@@ -174,6 +174,12 @@ class SettingsTests(SynchronousTestCase):
             self.error(self.options(redis="redis://h", **{"cluster-secret-file": "short"})),
         )
 
+    def test_reuse_port_needs_redis(self) -> None:
+        """--reuse-port without Redis stops the start: processes could not share messages."""
+        self.assertIn("reuse_port", self.error(self.options(**{"reuse-port": True})))
+        s = load_settings(self.options(redis="redis://h", **{"reuse-port": True}), self.dir)
+        self.assertTrue(s.reuse_port)
+
     def test_bad_redis_values(self) -> None:
         """Bad Redis URLs, and a Redis CA without rediss://, name the key."""
         for url in ("http://x", "redis://", "redis://h/db", "redis://h:99999", "redis://h/0?x=1"):

@@ -1,0 +1,54 @@
+"""A TLS listening endpoint whose port several processes can share (SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+#: Pending connections the kernel may hold for each process.
+BACKLOG = 1024
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortTLSEndpoint:
+    """Like ``SSL4ServerEndpoint``, but the socket has SO_REUSEPORT set.
+
+    Each twistd process binds its own socket to the same address; the
+    kernel spreads new connections over them, so a host's cores can all
+    serve, with Redis carrying messages between the processes.
+    """
+
+    def __init__(self, reactor: Any, port: int, tls: Any, interface: str) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._tls = tls
+        self._interface = interface
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        family = (
+            socket.AF_INET6
+            if isinstance(ipaddress.ip_address(self._interface), ipaddress.IPv6Address)
+            else socket.AF_INET
+        )
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self._interface, self._port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            port = self._reactor.adoptStreamPort(
+                sock.fileno(), family, TLSMemoryBIOFactory(self._tls, False, factory)
+            )
+        except OSError as e:
+            return fail(CannotListenError(self._interface, self._port, e))
+        finally:
+            sock.close()  # the reactor holds its own duplicate of the descriptor
+        return succeed(port)
