@@ -249,6 +249,22 @@ def _check_fields(body: dict[str, Any], allowed: frozenset[str], required: tuple
             raise RequestError("bad_request", f"missing field {name!r}")
 
 
+def log_ticket_issued(ticket: Ticket, peer: str, source: str) -> None:
+    """The ``ticket_issued`` security event (never the token itself)."""
+    _log.info(
+        "ticket issued user={user!r} client_ip={client_ip} expires_at={expires_at} "
+        "peer={peer} source={source}",
+        securepub_event="ticket_issued",
+        source=source,
+        user=ticket.user,
+        client_ip=ticket.client_ip,
+        expires_at=ticket.expires_at,
+        subscribe=[p.text for p in ticket.subscribe],
+        publish=[p.text for p in ticket.publish],
+        peer=peer,
+    )
+
+
 def _user(body: dict[str, Any]) -> str:
     user = body["user"]
     if not isinstance(user, str) or not user or len(user.encode("utf-8")) > MAX_USER_BYTES:
@@ -296,17 +312,7 @@ class TicketsResource(BackendResource):
         peer = client_ip(request)
 
         def issued(token: str) -> bytes:
-            _log.info(
-                "ticket issued user={user!r} client_ip={client_ip} expires_at={expires_at} "
-                "peer={peer}",
-                securepub_event="ticket_issued",
-                user=ticket.user,
-                client_ip=ticket.client_ip,
-                expires_at=ticket.expires_at,
-                subscribe=[p.text for p in ticket.subscribe],
-                publish=[p.text for p in ticket.publish],
-                peer=peer,
-            )
+            log_ticket_issued(ticket, peer, source="api")
             return respond(request, 201, {"ticket": token, "expires_at": ticket.expires_at})
 
         d: Deferred[bytes] = self._store.issue(ticket).addCallback(issued)

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securepub.api import client_ip, error_body, respond
+from securepub.api import client_ip, error_body, log_ticket_issued, respond
 from securepub.origin import normalize_origin
 from securepub.settings import DEMO_PATTERN, demo_topic_rule, with_demo_rule
 from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, normalize_ip
@@ -218,17 +218,7 @@ class DevTicket(Resource):
         return NOT_DONE_YET
 
     def _issued(self, token: str, request: Request, ticket: Ticket, peer: str) -> None:
-        _log.info(
-            "demo ticket issued user={user!r} client_ip={client_ip} peer={peer}",
-            securepub_event="ticket_issued",
-            source="dev",
-            user=ticket.user,
-            client_ip=ticket.client_ip,
-            expires_at=ticket.expires_at,
-            subscribe=[p.text for p in ticket.subscribe],
-            publish=[p.text for p in ticket.publish],
-            peer=peer,
-        )
+        log_ticket_issued(ticket, peer, source="dev")
         _finish(request, respond(request, 201, {"ticket": token, "expires_at": ticket.expires_at}))
 
     def _failed(self, failure: Failure, request: Request) -> None:
