@@ -194,24 +194,24 @@ def _run_reactor(reactor: Any, run: Callable[[], Any], cleanup: Callable[[], Any
 # -- the parser -------------------------------------------------------------------
 
 
-def _ttl(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not an integer") from None
-    if not 1 <= value <= 300:
-        raise argparse.ArgumentTypeError("the TTL is from 1 to 300 seconds")
-    return value
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (no upper bound if None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:20]!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{what} is {bounds}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("the count is at least 1")
-    return value
+_ttl = _int_in(1, 300, "the TTL in seconds")
+_count = _int_in(1, None, "the count")
 
 
 def _server_options() -> _Parser:
