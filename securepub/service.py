@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from typing import Any
@@ -13,6 +14,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, globalLogPublisher
 
 _log = Logger()
+
+#: gc thresholds while serving: generation 0 collected every 100,000 allocations.
+GC_THRESHOLDS = (100_000, 50, 1000)
 
 #: Seconds clients get to finish the closing handshake when the node stops.
 DRAIN_TIMEOUT = 5.0
@@ -69,6 +73,11 @@ class NodeService(MultiService):
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(self.node.metrics)
+        # Objects made while starting live as long as the process: keep them
+        # out of every collection, and collect the young generation less
+        # often. Collection pauses were most of the p99 latency (bench/).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         super().startService()
         reactor = self.node.reactor
         # SIGHUP reloads certificate, key and API keys; signal handlers run
