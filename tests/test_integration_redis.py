@@ -221,7 +221,9 @@ def test_password_and_database(redis: RedisServer) -> None:
     try:
         node.start()
         node.ticket()
-        assert secured.command("-n", "3", "DBSIZE") == "1"
+        # The ticket, and its user's index for revocation, live in database 3.
+        assert secured.command("-n", "3", "--scan", "--pattern", "securepub:ticket:*") != ""
+        assert secured.command("-n", "3", "DBSIZE") == "2"
         assert secured.command("-n", "0", "DBSIZE") == "0"
         with pytest.raises(Exception, match="not healthy"):
             wrong.start()
