@@ -14,13 +14,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from securepub import jsonstrict
-from securepub.apikeys import ApiKeys
+from securepub.apikeys import ApiKeys, Scopes
 from securepub.broker import Broker
 from securepub.clientip import ProxyPolicy
 from securepub.errors import RequestError
 from securepub.ratelimit import TokenBucket
 from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, normalize_ip
-from securepub.topics import parse_patterns
+from securepub.topics import covered_by_any, parse_patterns, validate_topic
 
 _log = Logger()
 
@@ -147,6 +147,8 @@ class BackendResource(JSONResource):
     """A POST endpoint for backends: API key, then JSON body, then `handle`."""
 
     allowed_methods = (b"POST",)
+    #: Whether an API key limited to publish scopes may use this endpoint.
+    scoped_credentials_allowed = True
 
     def __init__(self, api_keys: ApiKeys, clock: IReactorTime) -> None:
         super().__init__()
@@ -162,6 +164,11 @@ class BackendResource(JSONResource):
             return error_body(request, "rate_limited", "too many failed authentications")
         if not self._authenticated(request, peer):
             return error_body(request, "unauthorized", "a valid API key is required")
+        if not self.scoped_credentials_allowed and scopes_of(request) is not None:
+            _refused(request, peer, request.path.decode("ascii", "replace"), "")
+            return error_body(
+                request, "forbidden", "this API key may only publish and issue tickets"
+            )
         return None
 
     def render_POST(self, request: Request) -> bytes | int:
@@ -207,7 +214,9 @@ class BackendResource(JSONResource):
             return True
         header = request.getHeader(b"authorization") or b""
         scheme, _, credential = header.partition(b" ")
-        ok = scheme.lower() == b"bearer" and self._api_keys.check(credential.strip())
+        ok, scopes = self._api_keys.lookup(credential.strip())
+        ok = ok and scheme.lower() == b"bearer"
+        request._securepub_scopes = scopes  # type: ignore[attr-defined]
         if not ok:
             reason = "missing" if not header else "invalid"
             _log.info(
@@ -231,6 +240,23 @@ class BackendResource(JSONResource):
 
     def handle(self, request: Request, body: dict[str, Any]) -> bytes | Deferred[bytes]:
         raise NotImplementedError
+
+
+def scopes_of(request: Request) -> Scopes:
+    """The publish scopes of the credential that authenticated ``request``."""
+    scopes: Scopes = getattr(request, "_securepub_scopes", None)
+    return scopes
+
+
+def _refused(request: Request, peer: str, action: str, topic: str) -> None:
+    _log.info(
+        "authorization refused: {action} {topic} peer={peer} (API key scopes)",
+        securepub_event="authorization_refused",
+        action=action,
+        topic=topic,
+        user=None,
+        peer=peer,
+    )
 
 
 def _client_certificate(request: Request) -> object | None:
@@ -310,6 +336,15 @@ class TicketsResource(BackendResource):
     def handle(self, request: Request, body: dict[str, Any]) -> Deferred[bytes]:
         ticket = parse_ticket_request(body, self._clock.seconds())
         peer = client_ip(request)
+        scopes = scopes_of(request)
+        if scopes is not None:
+            # A browser must not get more publishing rights than the key itself.
+            for pattern in ticket.publish:
+                if not covered_by_any(scopes, pattern):
+                    _refused(request, peer, "grant publish", pattern.text)
+                    raise RequestError(
+                        "forbidden", f"this API key may not grant publishing on {pattern.text}"
+                    )
 
         def issued(token: str) -> bytes:
             log_ticket_issued(ticket, peer, source="api")
@@ -330,6 +365,12 @@ class PublishResource(BackendResource):
         _check_fields(body, _PUBLISH_FIELDS, ("topic", "data"))
         if not isinstance(body["topic"], str):
             raise RequestError("bad_request", "'topic' must be a string")
+        scopes = scopes_of(request)
+        if scopes is not None:
+            topic = validate_topic(body["topic"])
+            if not any(pattern.matches(topic) for pattern in scopes):
+                _refused(request, client_ip(request), "publish", topic)
+                raise RequestError("forbidden", f"this API key may not publish on {topic}")
         d = self._broker.publish(body["topic"], body["data"])
         return d.addCallback(lambda message_id: respond(request, 202, {"id": message_id}))
 
@@ -338,6 +379,7 @@ class MetricsResource(BackendResource):
     """``GET /metrics``: Prometheus text, for holders of an API key only."""
 
     allowed_methods = (b"GET",)
+    scoped_credentials_allowed = False
 
     def __init__(
         self,
@@ -363,6 +405,8 @@ _DISCONNECT_FIELDS = frozenset({"user", "revoke_tickets"})
 class DisconnectResource(BackendResource):
     """``POST /v1/disconnect``: close a user's sessions on every node, and by
     default revoke the user's unredeemed tickets first so none can reconnect."""
+
+    scoped_credentials_allowed = False
 
     def __init__(
         self, api_keys: ApiKeys, clock: IReactorTime, broker: Broker, store: ITicketStore

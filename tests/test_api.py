@@ -469,3 +469,73 @@ class DisconnectTests(SynchronousTestCase):
         ):
             r = self.post(body)
             self.assertEqual((r.status, r.json()["error"]), (400, "bad_request"), body)
+
+
+class ScopedKeyTests(SynchronousTestCase):
+    """A key limited to publish scopes cannot write, grant or administer beyond them."""
+
+    SCOPED = "scoped-key-0123456789abcdef"
+
+    def setUp(self) -> None:
+        from securepub.topics import Pattern
+
+        self.clock = Clock()
+        self.store = MemoryTicketStore(self.clock)
+        self.broker = Broker(PayloadValidator(1000, 4, ()), Limits(), self.clock)
+        keys = ApiKeys([KEY.encode(), (self.SCOPED.encode(), (Pattern.parse("orders.>"),))])
+        metrics = Metrics()
+        self.site = SecurePubSite(
+            Root(
+                {
+                    b"v1/publish": PublishResource(keys, self.clock, self.broker),
+                    b"v1/tickets": TicketsResource(keys, self.clock, self.store),
+                    b"v1/disconnect": DisconnectResource(keys, self.clock, self.broker, self.store),
+                    b"metrics": MetricsResource(keys, self.clock, lambda: metrics.render({})),
+                }
+            ),
+            max_body_bytes=5000,
+            reactor=self.clock,
+        )
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, key: str = SCOPED
+    ) -> Response:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.5", 1))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.5", 1))
+        channel.makeConnection(transport)
+        data = json.dumps(body).encode() if body is not None else b""
+        channel.dataReceived(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        return Response(transport.value())
+
+    def test_publish_within_scope_only(self) -> None:
+        """A scoped key publishes inside its patterns; elsewhere it is 403 forbidden."""
+        self.assertEqual(
+            self.call("POST", "/v1/publish", {"topic": "orders.new", "data": 1}).status, 202
+        )
+        r = self.call("POST", "/v1/publish", {"topic": "news.x", "data": 1})
+        self.assertEqual((r.status, r.json()["error"]), (403, "forbidden"))
+        r = self.call("POST", "/v1/publish", {"topic": "news.x", "data": 1}, key=KEY)
+        self.assertEqual(r.status, 202)
+
+    def test_tickets_cannot_grant_more(self) -> None:
+        """A scoped key's tickets may grant publishing only within its own scopes."""
+        ok = self.call(
+            "POST",
+            "/v1/tickets",
+            {"user": "u", "publish": ["orders.eu.*"], "subscribe": ["news.*"]},
+        )
+        self.assertEqual(ok.status, 201)
+        r = self.call("POST", "/v1/tickets", {"user": "u", "publish": [">"]})
+        self.assertEqual((r.status, r.json()["error"]), (403, "forbidden"))
+
+    def test_no_administration(self) -> None:
+        """A scoped key may neither disconnect users nor read metrics."""
+        r = self.call("POST", "/v1/disconnect", {"user": "alice"})
+        self.assertEqual((r.status, r.json()["error"]), (403, "forbidden"))
+        self.assertEqual(self.call("GET", "/metrics").status, 403)
+        self.assertEqual(self.call("GET", "/metrics", key=KEY).status, 200)

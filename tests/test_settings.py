@@ -237,3 +237,37 @@ def _rmtree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+class ApiKeyScopeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.dir)
+
+    def keys_file(self, text: str) -> str:
+        path = os.path.join(self.dir, "keys")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_scopes_parsed(self) -> None:
+        """A key may be followed by publish=PATTERNS; keys without one are unlimited."""
+        keys = load_api_keys(self.keys_file(f"{KEY} publish=orders.>,news.*\n{'b' * 20}\n"))
+        found, scopes = keys.lookup(KEY.encode())
+        assert scopes is not None
+        self.assertTrue(found)
+        self.assertEqual([p.text for p in scopes], ["orders.>", "news.*"])
+        self.assertEqual(keys.lookup(b"b" * 20), (True, None))
+        self.assertEqual(keys.lookup(b"nope-nope-nope-nope"), (False, None))
+
+    def test_bad_scopes(self) -> None:
+        """Unknown options or bad patterns stop the start, naming the line, not the key."""
+        for text in (
+            f"{KEY} admin=yes\n",
+            f"{KEY} publish=a..b\n",
+            f"{KEY} publish=\n",
+            f"{KEY} publish=a publish=b\n",
+        ):
+            e = self.assertRaises(ConfigError, load_api_keys, self.keys_file(text))
+            self.assertIn("line 1", str(e))
+            self.assertNotIn(KEY, str(e))
