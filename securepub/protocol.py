@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -210,7 +210,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         # full, and can bound what waits there for a client that stopped reading.
         # twisted.web's channel registered itself before handing the transport
         # over to us; it no longer uses it, so its registration is replaced.
-        consumer = IConsumer(self.transport)
+        consumer = cast(IConsumer, self.transport)
         consumer.unregisterProducer()
         consumer.registerProducer(self, True)
         self._send_json({"op": "welcome", "session": self._session.id, "user": ticket.user})
@@ -271,11 +271,10 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             self._close(CLOSE_POLICY_VIOLATION, "too many errors")
 
     def _send_json(self, message: dict[str, Any]) -> None:
+        """Send one reply (welcome, ok, error) through the same path as messages."""
         if self.state == self.STATE_OPEN:
             data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
-            if self._paused and self._over_queue_limit(len(data)):
-                return
-            self.sendMessage(data)
+            self.send_prepared(self.factory.prepareMessage(data))
 
     def _close(self, code: int, reason: str) -> None:
         # sendClose() only takes 1000 and 3000-4999; the RFC codes need the frame API.
