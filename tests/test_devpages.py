@@ -31,22 +31,10 @@ from securepub.topics import Pattern
 from securepub.validation import PayloadValidator, TopicRule
 from securepub.web import Root, SecurePubSite
 from tests.server import Server
+from tests.test_api import Response
 
 PORT = 8443
 ORIGIN = f"https://localhost:{PORT}"
-
-
-class Response:
-    def __init__(self, raw: bytes) -> None:
-        head, _, self.body = raw.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        self.status = int(lines[0].split(b" ")[1])
-        self.headers = {
-            k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])
-        }
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class PagesTests(SynchronousTestCase):

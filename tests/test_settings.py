@@ -232,24 +232,6 @@ class ApiKeyTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, load_api_keys, os.path.join(self.dir, "none"))
         self.assertIn("none", str(e))
 
-
-def _rmtree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class ApiKeyScopeTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(_rmtree, self.dir)
-
-    def keys_file(self, text: str) -> str:
-        path = os.path.join(self.dir, "keys")
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
     def test_scopes_parsed(self) -> None:
         """A key may be followed by publish=PATTERNS; keys without one are unlimited."""
         keys = load_api_keys(self.keys_file(f"{KEY} publish=orders.>,news.*\n{'b' * 20}\n"))
@@ -271,3 +253,9 @@ class ApiKeyScopeTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, load_api_keys, self.keys_file(text))
             self.assertIn("line 1", str(e))
             self.assertNotIn(KEY, str(e))
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
