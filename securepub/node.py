@@ -6,9 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from securepub.api import (
@@ -213,12 +212,3 @@ class Node:
         return SSL4ServerEndpoint(
             self.reactor, settings.port, self.tls, interface=settings.interface
         )
-
-    def listen(self) -> Deferred[IListeningPort]:
-        """Start the Redis links and open the TLS port (tests and embedding;
-        twistd runs `services` and `endpoint` as services instead)."""
-        self.log_warnings()
-        for link in self.redis_links:
-            link.startService()
-        d: Deferred[IListeningPort] = self.endpoint().listen(self.site)
-        return d
