@@ -148,6 +148,22 @@ def encode_json(value: Any) -> bytes:
     return text.encode("utf-8")
 
 
+def published_id(result: dict[str, Any]) -> str:
+    """The message id in a ``POST /v1/publish`` answer (the server's data is checked too)."""
+    message_id = result.get("id")
+    if not isinstance(message_id, str):
+        raise APIError(202, "unexpected_response", "the answer holds no message id")
+    return message_id
+
+
+def issued_ticket(result: dict[str, Any]) -> IssuedTicket:
+    """The ticket in a ``POST /v1/tickets`` answer."""
+    ticket, expires_at = result.get("ticket"), result.get("expires_at")
+    if not isinstance(ticket, str) or not isinstance(expires_at, (int, float)):
+        raise APIError(201, "unexpected_response", "the answer holds no ticket")
+    return IssuedTicket(ticket=ticket, expires_at=float(expires_at))
+
+
 def ticket_request(
     user: str,
     *,
@@ -308,11 +324,7 @@ class Publisher:
         ...) when the server refuses it, `ConnectionFailed` when it could not
         be reached or the connection broke.
         """
-        result = self._call("/v1/publish", encode_json({"topic": topic, "data": data}))
-        message_id = result.get("id")
-        if not isinstance(message_id, str):
-            raise APIError(202, "unexpected_response", "the answer holds no message id")
-        return message_id
+        return published_id(self._call("/v1/publish", encode_json({"topic": topic, "data": data})))
 
     def issue_ticket(
         self,
@@ -327,11 +339,7 @@ class Publisher:
         body = ticket_request(
             user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
         )
-        result = self._call("/v1/tickets", encode_json(body))
-        ticket, expires_at = result.get("ticket"), result.get("expires_at")
-        if not isinstance(ticket, str) or not isinstance(expires_at, (int, float)):
-            raise APIError(201, "unexpected_response", "the answer holds no ticket")
-        return IssuedTicket(ticket=ticket, expires_at=float(expires_at))
+        return issued_ticket(self._call("/v1/tickets", encode_json(body)))
 
     def close(self) -> None:
         """Close the kept-alive connection; the next call opens a new one."""

@@ -58,8 +58,10 @@ from securepub.client import (
     ServerURL,
     bearer,
     encode_json,
+    issued_ticket,
     parse_response,
     parse_url,
+    published_id,
     ticket_request,
 )
 
@@ -253,14 +255,7 @@ class TwistedPublisher:
     def publish(self, topic: str, data: Any) -> Deferred[str]:
         """Publish ``data`` to ``topic``; fires with the message id or fails with `ClientError`."""
         d = self._call("/v1/publish", encode_json({"topic": topic, "data": data}))
-
-        def message_id(result: dict[str, Any]) -> str:
-            value = result.get("id")
-            if not isinstance(value, str):
-                raise APIError(202, "unexpected_response", "the answer holds no message id")
-            return value
-
-        return d.addCallback(message_id)
+        return d.addCallback(published_id)
 
     def issue_ticket(
         self,
@@ -275,14 +270,7 @@ class TwistedPublisher:
         body = ticket_request(
             user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
         )
-
-        def issued(result: dict[str, Any]) -> IssuedTicket:
-            ticket, expires_at = result.get("ticket"), result.get("expires_at")
-            if not isinstance(ticket, str) or not isinstance(expires_at, (int, float)):
-                raise APIError(201, "unexpected_response", "the answer holds no ticket")
-            return IssuedTicket(ticket=ticket, expires_at=float(expires_at))
-
-        return self._call("/v1/tickets", encode_json(body)).addCallback(issued)
+        return self._call("/v1/tickets", encode_json(body)).addCallback(issued_ticket)
 
     def close(self) -> Deferred[None]:
         """Close the kept-alive connections."""
