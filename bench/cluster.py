@@ -25,9 +25,9 @@ def redemptions(redis_url: str, count: int) -> dict[str, Any]:
     """Issue then redeem `count` tickets through RedisTicketStore, all in flight at once."""
     from twisted.internet import defer, reactor, task
 
-    from securepub.redislink import RedisLink, RedisTarget
-    from securepub.redistickets import RedisTicketStore
-    from securepub.tickets import Ticket
+    from securepub.core.tickets import Ticket
+    from securepub.engines.redis.link import RedisLink, RedisTarget
+    from securepub.engines.redis.tickets import RedisTicketStore
 
     result: dict[str, Any] = {}
 

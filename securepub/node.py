@@ -2,38 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.web.resource import IResource
 
-from securepub.api import (
+from securepub.broker.broker import Broker
+from securepub.core.apikeys import load_api_keys
+from securepub.core.engine import IFanout
+from securepub.core.errors import ConfigError
+from securepub.core.origin import OriginPolicy
+from securepub.core.tickets import ITicketStore
+from securepub.core.validation import PayloadValidator
+from securepub.dev.pages import dev_routes
+from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.tickets import MemoryTicketStore
+from securepub.engines.redis.fanout import CHANNEL, RedisFanout
+from securepub.engines.redis.link import RedisLink
+from securepub.engines.redis.tickets import RedisTicketStore
+from securepub.ops.metrics import Metrics
+from securepub.server.api import (
     DisconnectResource,
     Health,
     MetricsResource,
     PublishResource,
     TicketsResource,
 )
-from securepub.apikeys import load_api_keys
-from securepub.broker import Broker
-from securepub.devpages import client_routes
-from securepub.errors import ConfigError
-from securepub.fanout import IFanout, LocalFanout
-from securepub.metrics import Metrics
-from securepub.origin import OriginPolicy
-from securepub.protocol import SecurePubFactory
-from securepub.redisfanout import CHANNEL, RedisFanout
-from securepub.redislink import RedisLink
-from securepub.redistickets import RedisTicketStore
-from securepub.reuseport import ReusePortTLSEndpoint
-from securepub.settings import Settings
-from securepub.tickets import ITicketStore, MemoryTicketStore
-from securepub.tls import ReloadableServerTLS, server_context_factory
-from securepub.validation import PayloadValidator
-from securepub.web import Root, SecurePubSite, WebSocketOnly
+from securepub.server.files import StaticFiles
+from securepub.server.protocol import SecurePubFactory
+from securepub.server.reuseport import ReusePortTLSEndpoint
+from securepub.server.settings import Settings
+from securepub.server.site import Root, SecurePubSite, WebSocketOnly
+from securepub.server.tls import ReloadableServerTLS, server_context_factory
 
 _log = Logger()
 
@@ -59,13 +62,14 @@ class Node:
         self.validator = PayloadValidator(
             limits.max_message_bytes, limits.max_json_depth, settings.topics
         )
+        self.metrics = Metrics()
         self.redis_links: list[RedisLink] = []
         fanout: IFanout
         if settings.redis is None:
             self.tickets: ITicketStore = MemoryTicketStore(reactor)
             fanout = LocalFanout()
         else:
-            commands = RedisLink(reactor, settings.redis, "commands")
+            commands = RedisLink(reactor, settings.redis, "commands", metrics=self.metrics)
             redis_fanout = RedisFanout(
                 commands,
                 max_body_bytes=limits.max_frame_bytes,
@@ -78,13 +82,13 @@ class Node:
                 "messages",
                 channel=CHANNEL,
                 on_message=redis_fanout.received,
+                metrics=self.metrics,
             )
             self.redis_links = [commands, messages]
             self.tickets = RedisTicketStore(commands, reactor)
             fanout = redis_fanout
         # The broker frames messages with the factory's prepareMessage (looked
         # up at call time, see _prepare), so it can be built first.
-        self.metrics = Metrics()
         self.broker = Broker(
             self.validator,
             limits,
@@ -102,12 +106,13 @@ class Node:
             proxies=settings.proxies,
             metrics=self.metrics,
         )
+        self._register_gauges()
         routes = {
             b"ws": WebSocketOnly(WebSocketResource(self.factory)),
             b"healthz": Health(self.health_problem),
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
-            b"metrics": MetricsResource(settings.api_keys, reactor, self.render_metrics),
+            b"metrics": MetricsResource(settings.api_keys, reactor, self.metrics.render),
             b"v1/disconnect": DisconnectResource(
                 settings.api_keys, reactor, self.broker, self.tickets
             ),
@@ -166,14 +171,24 @@ class Node:
                 securepub_event="reload_refused",
             )
 
-    def render_metrics(self) -> str:
-        gauges: dict[str, Callable[[], float]] = {
-            "open_connections": lambda: len(self.factory.open_connections),
-            "ticket_store_entries": lambda: self.tickets.size(),
-        }
+    def _register_gauges(self) -> None:
+        gauge = self.metrics.gauge
+        gauge(
+            "open_connections",
+            "Open WebSocket connections.",
+            lambda: len(self.factory.open_connections),
+        )
+        gauge(
+            "ticket_store_entries",
+            "Tickets and tombstones this node holds (0 with Redis, which holds them).",
+            self.tickets.size,
+        )
         if self.redis_links:
-            gauges["redis_up"] = lambda: float(self.health_problem() is None)
-        return self.metrics.render(gauges)
+            gauge(
+                "redis_up",
+                "1 while every Redis link is connected.",
+                lambda: float(self.health_problem() is None),
+            )
 
     def health_problem(self) -> str | None:
         """Why this node cannot serve now, or None (``/healthz``)."""
@@ -212,3 +227,13 @@ class Node:
         return SSL4ServerEndpoint(
             self.reactor, settings.port, self.tls, interface=settings.interface
         )
+
+
+def client_routes(
+    *, dev: bool, port: int, tickets: ITicketStore, clock: Any
+) -> dict[bytes, IResource]:
+    """The routes for browsers: ``static`` always, ``demo`` and ``dev`` with --dev."""
+    routes: dict[bytes, IResource] = {b"static": StaticFiles()}
+    if dev:
+        routes.update(dev_routes(port=port, tickets=tickets, clock=clock))
+    return routes

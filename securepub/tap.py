@@ -9,7 +9,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from securepub.errors import ConfigError
+from securepub.core.errors import ConfigError
 
 
 class Options(usage.Options):
@@ -78,11 +78,11 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         reactor = default_reactor
     from twisted.logger import globalLogPublisher
 
-    from securepub.audit import AuditLogObserver
-    from securepub.devcerts import describe, ensure_dev_certs
+    from securepub.dev.certs import describe, ensure_dev_certs
     from securepub.node import Node
-    from securepub.service import NodeService
-    from securepub.settings import load_settings
+    from securepub.ops.audit import AuditLogObserver
+    from securepub.server.service import NodeService
+    from securepub.server.settings import load_settings
 
     try:
         dev_paths = None

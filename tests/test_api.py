@@ -12,24 +12,25 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.api import (
+from securepub.broker.broker import Broker, Grants, RecordingSubscriber
+from securepub.core.apikeys import ApiKeys
+from securepub.core.clientip import ProxyPolicy
+from securepub.core.limits import Limits
+from securepub.core.origin import OriginPolicy
+from securepub.core.topics import Pattern
+from securepub.core.validation import PayloadValidator
+from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.tickets import MemoryTicketStore
+from securepub.ops.metrics import Metrics
+from securepub.server.api import (
     DisconnectResource,
     Health,
     MetricsResource,
     PublishResource,
     TicketsResource,
 )
-from securepub.apikeys import ApiKeys
-from securepub.broker import Broker, Grants, RecordingSubscriber
-from securepub.clientip import ProxyPolicy
-from securepub.metrics import Metrics
-from securepub.origin import OriginPolicy
-from securepub.protocol import SecurePubFactory
-from securepub.settings import Limits
-from securepub.tickets import MemoryTicketStore
-from securepub.topics import Pattern
-from securepub.validation import PayloadValidator
-from securepub.web import Root, SecurePubSite, WebSocketOnly
+from securepub.server.protocol import SecurePubFactory
+from securepub.server.site import Root, SecurePubSite, WebSocketOnly
 
 KEY = "test-api-key-0123456789abcdef"
 
@@ -53,7 +54,9 @@ class ApiTests(SynchronousTestCase):
         self.clock.advance(1_000_000)
         self.limits = Limits(max_message_bytes=1000)
         self.store = MemoryTicketStore(self.clock)
-        self.broker = Broker(PayloadValidator(1000, 4, ()), self.limits, self.clock)
+        self.broker = Broker(
+            PayloadValidator(1000, 4, ()), self.limits, self.clock, fanout=LocalFanout()
+        )
         keys = ApiKeys([KEY.encode()])
         factory = SecurePubFactory(
             self.broker, self.store, OriginPolicy([], True), self.limits, self.clock
@@ -355,13 +358,14 @@ class MetricsAndProxyTests(SynchronousTestCase):
         keys = ApiKeys([KEY.encode()])
         self.metrics = Metrics()
         self.metrics.messages_in = 3
+        self.metrics.gauge("open_connections", "Open connections.", lambda: 2)
         self.site = SecurePubSite(
             Root(
                 {
                     b"metrics": MetricsResource(
                         keys,
                         self.clock,
-                        lambda: self.metrics.render({"open_connections": lambda: 2}),
+                        self.metrics.render,
                     ),
                     b"v1/tickets": TicketsResource(keys, self.clock, self.store),
                 }
@@ -391,8 +395,8 @@ class MetricsAndProxyTests(SynchronousTestCase):
         )
         self.assertEqual(r.status, 200)
         self.assertTrue(r.headers[b"content-type"].startswith(b"text/plain; version=0.0.4"))
-        self.assertIn(b"securepub_messages_in_total 3\n", r.body)
-        self.assertIn(b"securepub_open_connections 2\n", r.body)
+        self.assertIn(b"securepub_messages_in_total 3.0\n", r.body)
+        self.assertIn(b"securepub_open_connections 2.0\n", r.body)
 
     def ticket_peer(self, peer: str, forwarded_for: str) -> str:
         body = b'{"user": "u"}'
@@ -426,7 +430,9 @@ class DisconnectTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = MemoryTicketStore(self.clock)
-        self.broker = Broker(PayloadValidator(1000, 4, ()), Limits(), self.clock)
+        self.broker = Broker(
+            PayloadValidator(1000, 4, ()), Limits(), self.clock, fanout=LocalFanout()
+        )
         keys = ApiKeys([KEY.encode()])
         self.site = SecurePubSite(
             Root({b"v1/disconnect": DisconnectResource(keys, self.clock, self.broker, self.store)}),
@@ -447,7 +453,7 @@ class DisconnectTests(SynchronousTestCase):
 
     def test_disconnect_revokes_tickets_and_sessions(self) -> None:
         """202 with the number of revoked tickets; the user's sessions are closed."""
-        from securepub.tickets import Ticket
+        from securepub.core.tickets import Ticket
 
         self.store.issue(Ticket("alice", None, (), (), 30.0))
         sub = RecordingSubscriber()
@@ -477,11 +483,13 @@ class ScopedKeyTests(SynchronousTestCase):
     SCOPED = "scoped-key-0123456789abcdef"
 
     def setUp(self) -> None:
-        from securepub.topics import Pattern
+        from securepub.core.topics import Pattern
 
         self.clock = Clock()
         self.store = MemoryTicketStore(self.clock)
-        self.broker = Broker(PayloadValidator(1000, 4, ()), Limits(), self.clock)
+        self.broker = Broker(
+            PayloadValidator(1000, 4, ()), Limits(), self.clock, fanout=LocalFanout()
+        )
         keys = ApiKeys([KEY.encode(), (self.SCOPED.encode(), (Pattern.parse("orders.>"),))])
         metrics = Metrics()
         self.site = SecurePubSite(
@@ -490,7 +498,7 @@ class ScopedKeyTests(SynchronousTestCase):
                     b"v1/publish": PublishResource(keys, self.clock, self.broker),
                     b"v1/tickets": TicketsResource(keys, self.clock, self.store),
                     b"v1/disconnect": DisconnectResource(keys, self.clock, self.broker, self.store),
-                    b"metrics": MetricsResource(keys, self.clock, lambda: metrics.render({})),
+                    b"metrics": MetricsResource(keys, self.clock, metrics.render),
                 }
             ),
             max_body_bytes=5000,

@@ -10,7 +10,7 @@ import tempfile
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.audit import AuditLogObserver, audit_record
+from securepub.ops.audit import AuditLogObserver, audit_record
 
 
 class AuditTests(SynchronousTestCase):

@@ -12,12 +12,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from securepub.broker import Broker, Grants, ISubscriber, RecordingSubscriber, Session
-from securepub.errors import RequestError
-from securepub.fanout import IFanout, LocalFanout
-from securepub.settings import Limits
-from securepub.topics import Pattern
-from securepub.validation import PayloadValidator, TopicRule
+from securepub.broker.broker import Broker, Grants, ISubscriber, RecordingSubscriber, Session
+from securepub.core.engine import IFanout
+from securepub.core.errors import RequestError
+from securepub.core.limits import Limits
+from securepub.core.topics import Pattern
+from securepub.core.validation import PayloadValidator, TopicRule
+from securepub.engines.memory.fanout import LocalFanout
 
 
 def grants(subscribe: tuple[str, ...] = (), publish: tuple[str, ...] = ()) -> Grants:
@@ -37,7 +38,10 @@ class BrokerTests(SynchronousTestCase):
             TopicRule(Pattern.parse("open.>"), None, True),
         ]
         self.broker = Broker(
-            PayloadValidator(self.limits.max_message_bytes, 4, rules), self.limits, self.clock
+            PayloadValidator(self.limits.max_message_bytes, 4, rules),
+            self.limits,
+            self.clock,
+            fanout=LocalFanout(),
         )
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
@@ -263,7 +267,7 @@ class IdleTests(SynchronousTestCase):
 class RevocationTests(SynchronousTestCase):
     def test_disconnect_user_closes_only_that_user(self) -> None:
         """Revoking a user closes each of its sessions (and only its) and forgets them."""
-        broker = Broker(PayloadValidator(1000, 8, ()), Limits(), Clock())
+        broker = Broker(PayloadValidator(1000, 8, ()), Limits(), Clock(), fanout=LocalFanout())
         g = grants(subscribe=(">",))
         alice = [RecordingSubscriber() for _ in range(2)]
         bob = RecordingSubscriber()

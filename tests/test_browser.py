@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from securepub.client import Publisher
+from securepub.clients.blocking import Publisher
 from tests.server import Server, recv_json, request_json
 
 REQUIRE_BROWSER = os.environ.get("SECUREPUB_REQUIRE_BROWSER") == "1"

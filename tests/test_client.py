@@ -1,4 +1,4 @@
-"""The Python publishers (`securepub.client`, `securepub.client_twisted`) against real servers.
+"""The Python publishers (blocking and Twisted) against real servers.
 
 Success paths and server refusals run against a real ``twistd securepub --dev``
 over verified TLS. Retry behaviour (503, connections dropped mid-request,
@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase as TrialTestCase
 
-from securepub.client import (
+from securepub.clients.blocking import (
     APIError,
     CertificateError,
     ClientError,
@@ -31,7 +31,7 @@ from securepub.client import (
     RetryPolicy,
     parse_url,
 )
-from securepub.client_twisted import TwistedPublisher
+from securepub.clients.twisted_client import TwistedPublisher
 from tests.server import Server, free_port, recv_json, request_json, server_fixture
 
 srv = server_fixture(dev=True)
@@ -542,11 +542,15 @@ class TwistedPublisherTests(TrialTestCase):
 
 def test_nothing_in_the_client_turns_verification_off() -> None:
     """No CERT_NONE, check_hostname=False or unverified context anywhere in the clients."""
-    import securepub.cli
-    import securepub.client
-    import securepub.client_twisted
+    import securepub.clients.blocking
+    import securepub.clients.cli
+    import securepub.clients.twisted_client
 
-    for module in (securepub.client, securepub.client_twisted, securepub.cli):
+    for module in (
+        securepub.clients.blocking,
+        securepub.clients.twisted_client,
+        securepub.clients.cli,
+    ):
         assert module.__file__ is not None
         with open(module.__file__, encoding="utf-8") as f:
             source = f.read()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.clientip import ClientAddress, ProxyPolicy
-from securepub.errors import ConfigError
+from securepub.core.clientip import ClientAddress, ProxyPolicy
+from securepub.core.errors import ConfigError
 
 POLICY = ProxyPolicy(["10.0.0.0/8", "2001:db8:ffff::/48"])
 

@@ -1,4 +1,4 @@
-"""Tests for securepub.devcerts: the files --dev and `securepub certs` generate."""
+"""Tests for securepub.dev.certs: the files --dev and `securepub certs` generate."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub import devcerts
-from securepub.devcerts import DevCerts, describe, ensure_dev_certs
-from securepub.errors import ConfigError
-from securepub.tls import server_context_factory
+from securepub.core.errors import ConfigError
+from securepub.dev import certs as devcerts
+from securepub.dev.certs import DevCerts, describe, ensure_dev_certs
+from securepub.server.tls import server_context_factory
 
 _NAMES = ("api-key", "ca.pem", "server.key", "server.pem")
 _NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.UTC)
@@ -290,7 +290,7 @@ class EnsureDevCertsTests(SynchronousTestCase):
         self.assertIn(_handshake(certs, "127.0.0.1"), ("TLSv1.2", "TLSv1.3"))
 
     def test_usable_by_server(self) -> None:
-        """The generated pair passes securepub.tls's checks, as `--dev` needs."""
+        """The generated pair passes securepub.server.tls's checks, as `--dev` needs."""
         certs = self._certs()
         server_context_factory(certs.cert, certs.key)
 

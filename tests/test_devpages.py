@@ -18,18 +18,19 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.devpages import (
+from securepub.core.tickets import TicketRefused
+from securepub.core.topics import Pattern
+from securepub.core.validation import PayloadValidator, TopicRule
+from securepub.dev.pages import (
     DEMO_CSP,
     DEMO_PATTERN,
-    client_routes,
     demo_topic_rule,
     own_origins,
     with_demo_rule,
 )
-from securepub.tickets import MemoryTicketStore, TicketRefused
-from securepub.topics import Pattern
-from securepub.validation import PayloadValidator, TopicRule
-from securepub.web import Root, SecurePubSite
+from securepub.engines.memory.tickets import MemoryTicketStore
+from securepub.node import client_routes
+from securepub.server.site import Root, SecurePubSite
 from tests.server import Server
 from tests.test_api import Response
 
@@ -240,10 +241,12 @@ def test_the_demo_rule_opens_demo_topics_after_configured_rules() -> None:
     assert validator.rule_for("other.topic") is None
 
 
-@pytest.mark.parametrize("name", ["securepub.js", "demo.js"])
-def test_scripts_never_turn_strings_into_markup_or_code(name: str) -> None:
+@pytest.mark.parametrize(
+    ("package", "name"), [("securepub.clients", "securepub.js"), ("securepub.dev", "demo.js")]
+)
+def test_scripts_never_turn_strings_into_markup_or_code(package: str, name: str) -> None:
     """No innerHTML, outerHTML, insertAdjacentHTML, document.write, eval or Function."""
-    source = resources.files("securepub").joinpath("static", name).read_text("utf-8")
+    source = resources.files(package).joinpath("static", name).read_text("utf-8")
     for forbidden in (
         r"innerHTML",
         r"outerHTML",
@@ -261,7 +264,7 @@ def test_scripts_never_turn_strings_into_markup_or_code(name: str) -> None:
 
 def test_demo_html_has_no_inline_script_or_style() -> None:
     """The CSP forbids inline code, so the page must not need any."""
-    html = resources.files("securepub").joinpath("static", "demo.html").read_text("utf-8")
+    html = resources.files("securepub.dev").joinpath("static", "demo.html").read_text("utf-8")
     assert re.search(r"<script(?![^>]*\bsrc=)", html) is None
     assert "<style" not in html and "style=" not in html
     assert re.search(r"\son[a-z]+\s*=", html) is None

@@ -432,3 +432,34 @@ def test_no_error_body_contains_the_api_key(srv: Server) -> None:
     srv.api("GET", "/v1/publish", key=srv.api_key)
     key = srv.api_key.encode()
     assert not [b for b in srv.response_bodies if key in b]
+
+
+def test_metrics_parse_with_prometheus_clients_own_parser(srv: Server) -> None:
+    """/metrics of a real node is valid Prometheus text: every family parses, histograms too."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = srv.session()
+    conn.close()
+    status, headers, body = srv.api("GET", "/metrics", key=srv.api_key)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode("utf-8"))}
+    for name in (
+        "securepub_handshakes",
+        "securepub_errors",
+        "securepub_messages_in",
+        "securepub_messages_out",
+        "securepub_cluster_messages_received",
+        "securepub_open_connections",
+        "securepub_handshake_seconds",
+        "securepub_ticket_redemption_seconds",
+        "securepub_publish_to_write_seconds",
+        "securepub_redis_roundtrip_seconds",
+    ):
+        assert name in families, name
+    accepted = [
+        s
+        for s in families["securepub_handshake_seconds"].samples
+        if s.name.endswith("_count") and s.labels.get("outcome") == "accepted"
+    ]
+    assert accepted and accepted[0].value >= 1

@@ -1,4 +1,4 @@
-"""Tests for securepub.jsonstrict: strict parsing, compact serialization, iterative depth."""
+"""Tests for securepub.core.jsonstrict: strict parsing, compact serialization, iterative depth."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from securepub.errors import RequestError
-from securepub.jsonstrict import PayloadTooDeep, StrictJSONError, depth, dumps, loads
+from securepub.core.errors import RequestError
+from securepub.core.jsonstrict import PayloadTooDeep, StrictJSONError, depth, dumps, loads
 
 
 @pytest.mark.parametrize(

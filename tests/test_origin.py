@@ -1,4 +1,4 @@
-"""Tests for securepub.origin: Origin normalization and the handshake's Origin policy."""
+"""Tests for securepub.core.origin: Origin normalization and the handshake's Origin policy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.errors import ConfigError
-from securepub.origin import OriginDecision, OriginPolicy, normalize_origin
+from securepub.core.errors import ConfigError
+from securepub.core.origin import OriginDecision, OriginPolicy, normalize_origin
 
 NORMALIZED = [
     ("https://example.com", "https://example.com:443"),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.settings import Limits
+from securepub.core.limits import Limits
 from tests import test_api, test_protocol
 
 SPEC_CODES = {

@@ -17,14 +17,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
-from securepub.broker import Broker
-from securepub.clientip import ProxyPolicy
-from securepub.origin import OriginPolicy
-from securepub.protocol import SecurePubFactory, SecurePubServerProtocol
-from securepub.settings import Limits
-from securepub.tickets import MemoryTicketStore, StoreUnavailable, Ticket
-from securepub.topics import Pattern
-from securepub.validation import PayloadValidator, TopicRule
+from securepub.broker.broker import Broker
+from securepub.core.clientip import ProxyPolicy
+from securepub.core.limits import Limits
+from securepub.core.origin import OriginPolicy
+from securepub.core.tickets import StoreUnavailable, Ticket
+from securepub.core.topics import Pattern
+from securepub.core.validation import PayloadValidator, TopicRule
+from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.tickets import MemoryTicketStore
+from securepub.server.protocol import SecurePubFactory, SecurePubServerProtocol
 from tests.wsframes import client_frame, handshake, server_frames, split_response
 
 txaio.use_twisted()
@@ -54,7 +56,7 @@ class Harness:
         rules = [TopicRule(Pattern.parse("chat.*"), None, True)]
         validator = PayloadValidator(self.limits.max_message_bytes, 8, rules)
         self.factory = SecurePubFactory(
-            broker=Broker(validator, self.limits, self.clock),
+            broker=Broker(validator, self.limits, self.clock, fanout=LocalFanout()),
             tickets=self.store,
             origin_policy=OriginPolicy([ORIGIN], enforce),
             limits=self.limits,

@@ -1,11 +1,11 @@
-"""Tests for securepub.ratelimit: the publish token bucket and per-IP connection cap."""
+"""Tests for securepub.core.ratelimit: the publish token bucket and per-IP connection cap."""
 
 from __future__ import annotations
 
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.ratelimit import ConnectionCounter, TokenBucket
+from securepub.core.ratelimit import ConnectionCounter, TokenBucket
 
 
 class TokenBucketTests(SynchronousTestCase):
@@ -139,7 +139,7 @@ class AvailableTests(SynchronousTestCase):
         """available() reports the refilled level and takes nothing."""
         from twisted.internet.task import Clock
 
-        from securepub.ratelimit import TokenBucket
+        from securepub.core.ratelimit import TokenBucket
 
         clock = Clock()
         bucket = TokenBucket(clock, rate=1, burst=2)

@@ -13,19 +13,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from securepub.clustersign import ClusterSigner
-from securepub.errors import ConfigError, RequestError
-from securepub.redisfanout import CHANNEL, RedisFanout, encode
-from securepub.redislink import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
-from securepub.redistickets import (
+from securepub.core.errors import ConfigError, RequestError
+from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
+from securepub.core.topics import Pattern
+from securepub.engines.redis.fanout import CHANNEL, RedisFanout, encode
+from securepub.engines.redis.link import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
+from securepub.engines.redis.signing import ClusterSigner
+from securepub.engines.redis.tickets import (
     ISSUE_SCRIPT,
     KEY_PREFIX,
     USED_PREFIX,
     USER_PREFIX,
     RedisTicketStore,
 )
-from securepub.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
-from securepub.topics import Pattern
 
 
 @implementer(IRedisLink)

@@ -7,9 +7,10 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from securepub.apikeys import load_api_keys
-from securepub.errors import ConfigError
-from securepub.settings import Limits, load_settings
+from securepub.core.apikeys import load_api_keys
+from securepub.core.errors import ConfigError
+from securepub.core.limits import Limits
+from securepub.server.settings import load_settings
 
 KEY = "k" * 32
 

@@ -1,4 +1,4 @@
-"""Tests for securepub.tickets: issuing and single-use redemption of tickets."""
+"""Tests for securepub.core.tickets: issuing and single-use redemption of tickets."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from securepub.tickets import (
+from securepub.core.tickets import (
     REFUSAL_REASONS,
     ITicketStore,
-    MemoryTicketStore,
     StoreUnavailable,
     Ticket,
     TicketRefused,
     normalize_ip,
 )
+from securepub.engines.memory.tickets import MemoryTicketStore
 
 BASE64URL_43 = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -372,7 +372,8 @@ class RevokeUserTests(SynchronousTestCase):
         """Revoked tickets are refused; other users' tickets still work."""
         from twisted.internet.task import Clock
 
-        from securepub.tickets import MemoryTicketStore, Ticket, TicketRefused
+        from securepub.core.tickets import Ticket, TicketRefused
+        from securepub.engines.memory.tickets import MemoryTicketStore
 
         clock = Clock()
         store = MemoryTicketStore(clock)

@@ -1,4 +1,4 @@
-"""Tests for securepub.tls: file checks in memory, protocol policy over real sockets."""
+"""Tests for securepub.server.tls: file checks in memory, protocol policy over real sockets."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, ContextFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from securepub.errors import ConfigError
-from securepub.tls import server_context_factory
+from securepub.core.errors import ConfigError
+from securepub.server.tls import server_context_factory
 
 # Every blocking client call in a thread is bounded by this, so a server
 # that stops answering fails the test instead of hanging the reactor's

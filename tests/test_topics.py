@@ -1,4 +1,4 @@
-"""Tests for securepub.topics: grammar, matching, coverage and the subscription index."""
+"""Tests for securepub.core.topics: grammar, matching, coverage and the subscription index."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from securepub.errors import RequestError
-from securepub.topics import (
+from securepub.core.errors import RequestError
+from securepub.core.topics import (
     Pattern,
     SubscriptionIndex,
     TopicError,

@@ -1,4 +1,4 @@
-"""Tests for securepub.validation: payload size and depth limits, per-topic schemas."""
+"""Tests for securepub.core.validation: payload size and depth limits, per-topic schemas."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from securepub.errors import ConfigError, RequestError
-from securepub.jsonstrict import loads
-from securepub.topics import Pattern
-from securepub.validation import PayloadValidator, TopicRule
+from securepub.core.errors import ConfigError, RequestError
+from securepub.core.jsonstrict import loads
+from securepub.core.topics import Pattern
+from securepub.core.validation import PayloadValidator, TopicRule
 
 P = Pattern.parse
 

@@ -1,0 +1,1 @@
+"""The channel broker: sessions, authorization, publishing and delivery, through the engines."""

@@ -1,0 +1,1 @@
+"""Clients: the blocking and Twisted publishers, the securepub command, securepub.js."""

@@ -1,0 +1,443 @@
+"""A blocking publisher for backend scripts and web frameworks: stdlib only, no Twisted."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "DEFAULT_URL",
+    "APIError",
+    "CertificateError",
+    "ClientError",
+    "ConnectionFailed",
+    "IssuedTicket",
+    "Publisher",
+    "RetryPolicy",
+    "ServerURL",
+    "bearer",
+    "encode_json",
+    "parse_response",
+    "parse_url",
+    "ticket_request",
+]
+
+DEFAULT_URL: Final = "https://localhost:8443"
+
+#: The largest response body read from the server; a reply is a few hundred bytes.
+MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+#: A kept-alive connection idle longer than this is replaced before it is used:
+#: the server closes idle HTTP connections after 60 seconds.
+MAX_IDLE_SECONDS: Final = 45.0
+
+_USER_AGENT: Final = "securepub-python"
+
+
+class ClientError(Exception):
+    """Anything that kept a call from succeeding. Never holds the API key or a ticket."""
+
+
+class ConnectionFailed(ClientError):
+    """The server could not be reached, or the connection broke during a call.
+
+    ``sent`` says whether the request may have reached the server: when it
+    is true a publish may or may not have happened, so it is not retried.
+    ``refused`` says the server's port refused the connection: nothing was
+    sent, so that one is retried.
+    """
+
+    def __init__(self, message: str, *, sent: bool = False, refused: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.refused = refused
+
+
+class CertificateError(ConnectionFailed):
+    """The server's certificate was not trusted or does not name the server."""
+
+
+class APIError(ClientError):
+    """The server refused the call: ``status``, the SPEC's ``code`` and its ``message``.
+
+    ``code`` is one of ``bad_request``, ``invalid_topic``, ``invalid_payload``,
+    ``unauthorized``, ``forbidden``, ``too_large``, ``unsupported_media_type``,
+    ``rate_limited``, ``unavailable`` (or ``unexpected_response`` when the
+    answer was not securepub's JSON, e.g. from a proxy).
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class IssuedTicket:
+    """A ticket from ``POST /v1/tickets``; ``repr()`` leaves the secret out."""
+
+    ticket: str = field(repr=False)
+    expires_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        """The server's answer, ``{"ticket": ..., "expires_at": ...}``."""
+        return {"ticket": self.ticket, "expires_at": self.expires_at}
+
+
+@dataclass(frozen=True)
+class ServerURL:
+    """A checked ``https://host[:port][/prefix]`` server address."""
+
+    host: str
+    port: int
+    prefix: str
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def path(self, path: str) -> str:
+        """The request path of ``path`` (``/v1/publish``) under the URL's prefix."""
+        return self.prefix + path
+
+    @property
+    def websocket(self) -> str:
+        """The ``wss://`` URL of the server's WebSocket endpoint."""
+        return "wss" + self.origin[len("https") :] + self.path("/ws")
+
+
+def parse_url(url: str) -> ServerURL:
+    """Check a server URL: https only (there is no plaintext securepub), no userinfo."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ClientError(f"bad server URL {url[:100]!r}: {e}") from None
+    if parts.scheme != "https":
+        raise ClientError(
+            f"bad server URL {url[:100]!r}: it must start with https:// (securepub speaks TLS only)"
+        )
+    if not parts.hostname:
+        raise ClientError(f"bad server URL {url[:100]!r}: no host")
+    if parts.username is not None or parts.password is not None:
+        raise ClientError(f"bad server URL {url[:100]!r}: credentials do not belong in the URL")
+    if parts.query or parts.fragment:
+        raise ClientError(f"bad server URL {url[:100]!r}: no query or fragment allowed")
+    return ServerURL(host=parts.hostname, port=port or 443, prefix=parts.path.rstrip("/"))
+
+
+def encode_json(value: Any) -> bytes:
+    """Serialize compactly; NaN and Infinity are refused (the server would refuse them)."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ClientError(f"data is not JSON: {e}") from None
+    return text.encode("utf-8")
+
+
+def published_id(result: dict[str, Any]) -> str:
+    """The message id in a ``POST /v1/publish`` answer (the server's data is checked too)."""
+    message_id = result.get("id")
+    if not isinstance(message_id, str):
+        raise APIError(202, "unexpected_response", "the answer holds no message id")
+    return message_id
+
+
+def issued_ticket(result: dict[str, Any]) -> IssuedTicket:
+    """The ticket in a ``POST /v1/tickets`` answer."""
+    ticket, expires_at = result.get("ticket"), result.get("expires_at")
+    if not isinstance(ticket, str) or not isinstance(expires_at, (int, float)):
+        raise APIError(201, "unexpected_response", "the answer holds no ticket")
+    return IssuedTicket(ticket=ticket, expires_at=float(expires_at))
+
+
+def ticket_request(
+    user: str,
+    *,
+    client_ip: str | None = None,
+    subscribe: Iterable[str] = (),
+    publish: Iterable[str] = (),
+    ttl: int | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST /v1/tickets`` (SPEC section 2); the server validates it."""
+    body: dict[str, Any] = {"user": user}
+    if client_ip is not None:
+        body["client_ip"] = client_ip
+    patterns = list(subscribe)
+    if patterns:
+        body["subscribe"] = patterns
+    patterns = list(publish)
+    if patterns:
+        body["publish"] = patterns
+    if ttl is not None:
+        body["ttl"] = ttl
+    return body
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry what is safe to retry.
+
+    Only two failures are retried: a refused connection (nothing was sent)
+    and a 503 (the server says nothing was done). The delay before retry
+    ``n`` (from 0) is ``min(max_delay, initial_delay * 2**n)``, scaled by a
+    random factor between 0.5 and 1 so that many clients do not retry in step.
+    """
+
+    retries: int = 3
+    initial_delay: float = 0.25
+    max_delay: float = 4.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        base = min(self.max_delay, self.initial_delay * 2.0**attempt)
+        return base * (0.5 + 0.5 * rand())
+
+
+#: Three retries, 0.25 s doubling up to 4 s, jittered: about 2 s at most in all.
+DEFAULT_RETRY: Final = RetryPolicy()
+
+
+def parse_response(status: int, data: bytes) -> dict[str, Any]:
+    """A success body as a dict, or raise the `APIError` the status and body describe."""
+    if status in (200, 201, 202):
+        try:
+            value = json.loads(data)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise APIError(status, "unexpected_response", "the answer is not a JSON object")
+        return value
+    raise error_from_response(status, data)
+
+
+def bearer(api_key: str) -> str:
+    """The Authorization header's value; refuses what a header cannot carry."""
+    api_key = api_key.strip() if isinstance(api_key, str) else ""
+    if not api_key:
+        raise ClientError("an API key is required")
+    if not api_key.isascii() or any(c.isspace() or not c.isprintable() for c in api_key):
+        raise ClientError("the API key holds characters an HTTP header cannot carry")
+    return f"Bearer {api_key}"
+
+
+def error_from_response(status: int, body: bytes) -> APIError:
+    """The SPEC's ``{"error": code, "message": text}``, or a generic error for anything else."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("error"), str)
+        and isinstance(value.get("message"), str)
+    ):
+        return APIError(status, value["error"], _one_line(value["message"]))
+    return APIError(status, "unexpected_response", f"HTTP {status} without a securepub error")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Server text made safe for one terminal line: no control characters, bounded."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _describe_os_error(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _stale(sock: socket.socket | None) -> bool:
+    """Whether a kept-alive socket was closed by the server (readable while idle)."""
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class Publisher:
+    """Publish messages and issue tickets over HTTPS, blocking; no Twisted needed.
+
+    One TLS connection is kept alive across calls (and replaced when the
+    server has closed it). The server's certificate is always verified,
+    against ``ca`` (a PEM file) when given, else the system's trust store;
+    there is no way to turn that off. Calls are serialized by a lock, so one
+    Publisher may be shared by the threads of a web application.
+
+    >>> with Publisher("https://localhost:8443", api_key, ca="certs/ca.pem") as p:
+    ...     message_id = p.publish("news.sports", {"headline": "hello"})
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        ca: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._url = parse_url(url)
+        self._authorization = bearer(api_key)
+        try:
+            self._context = ssl.create_default_context(cafile=ca)
+        except FileNotFoundError:
+            raise ClientError(f"CA file {ca} does not exist") from None
+        except ssl.SSLError:
+            raise ClientError(f"CA file {ca} holds no PEM certificate") from None
+        except OSError as e:
+            raise ClientError(f"cannot read CA file {ca}: {_describe_os_error(e)}") from None
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._timeout = timeout
+        self._retry = retry
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPSConnection | None = None
+        self._last_used = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Publisher {self._url.origin}{self._url.prefix}>"
+
+    @property
+    def url(self) -> ServerURL:
+        return self._url
+
+    def publish(self, topic: str, data: Any) -> str:
+        """Publish ``data`` (any JSON value) to ``topic``; return the message id.
+
+        Raises `APIError` (``.code`` is ``invalid_topic``, ``invalid_payload``,
+        ...) when the server refuses it, `ConnectionFailed` when it could not
+        be reached or the connection broke.
+        """
+        return published_id(self._call("/v1/publish", encode_json({"topic": topic, "data": data})))
+
+    def issue_ticket(
+        self,
+        user: str,
+        *,
+        client_ip: str | None = None,
+        subscribe: Iterable[str] = (),
+        publish: Iterable[str] = (),
+        ttl: int | None = None,
+    ) -> IssuedTicket:
+        """Issue a single-use WebSocket ticket for one browser (SPEC section 2)."""
+        body = ticket_request(
+            user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
+        )
+        return issued_ticket(self._call("/v1/tickets", encode_json(body)))
+
+    def close(self) -> None:
+        """Close the kept-alive connection; the next call opens a new one."""
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- one call, with retries
+
+    def _call(self, path: str, body: bytes) -> dict[str, Any]:
+        with self._lock:
+            attempt = 0
+            while True:
+                try:
+                    return self._attempt(path, body)
+                except ConnectionFailed as e:
+                    if not e.refused or attempt >= self._retry.retries:
+                        raise
+                except APIError as e:
+                    if e.status != 503 or attempt >= self._retry.retries:
+                        raise
+                self._sleep(self._retry.delay(attempt))
+                attempt += 1
+
+    def _attempt(self, path: str, body: bytes) -> dict[str, Any]:
+        conn = self._connection()
+        headers = {
+            "Authorization": self._authorization,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        try:
+            conn.request("POST", self._url.path(path), body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read(MAX_RESPONSE_BYTES + 1)
+        except (OSError, http.client.HTTPException) as e:
+            self._drop()
+            reason = _describe_os_error(e) if isinstance(e, OSError) else type(e).__name__
+            raise ConnectionFailed(
+                f"the connection to {self._url.origin} broke during the request ({reason}); "
+                "it may or may not have been carried out",
+                sent=True,
+            ) from None
+        self._last_used = time.monotonic()
+        if response.will_close or len(data) > MAX_RESPONSE_BYTES:
+            self._drop()
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise APIError(response.status, "unexpected_response", "the answer is too large")
+        return parse_response(response.status, data)
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        """The kept-alive connection, or a new one when it is gone, stale or idle too long."""
+        conn = self._conn
+        if conn is not None:
+            idle = time.monotonic() - self._last_used
+            if idle > MAX_IDLE_SECONDS or _stale(conn.sock):
+                self._drop()
+                conn = None
+        if conn is not None:
+            return conn
+        conn = http.client.HTTPSConnection(
+            self._url.host, self._url.port, context=self._context, timeout=self._timeout
+        )
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            raise CertificateError(
+                f"the certificate of {self._url.origin} is not trusted: "
+                f"{_one_line(e.verify_message or str(e))} (is SECUREPUB_CA the CA that "
+                "signed it?)"
+            ) from None
+        except ssl.SSLError as e:
+            conn.close()
+            raise ConnectionFailed(
+                f"TLS handshake with {self._url.origin} failed: {_one_line(e.reason or str(e))}"
+            ) from None
+        except ConnectionRefusedError:
+            conn.close()
+            raise ConnectionFailed(
+                f"cannot connect to {self._url.origin}: connection refused", refused=True
+            ) from None
+        except OSError as e:
+            conn.close()
+            raise ConnectionFailed(
+                f"cannot connect to {self._url.origin}: {_describe_os_error(e)}"
+            ) from None
+        self._conn = conn
+        self._last_used = time.monotonic()
+        return conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

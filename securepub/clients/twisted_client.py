@@ -1,0 +1,552 @@
+"""Twisted clients: a publisher returning Deferreds and a reconnecting subscriber.
+
+Certificates are verified against the given CA (or the platform's trust
+store), the host name through ``service_identity``; nothing here can turn
+that off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from io import BytesIO
+from typing import Any, Final
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from OpenSSL import SSL
+from service_identity import CertificateError as ServiceIdentityCertificateError
+from service_identity import VerificationError
+from twisted.internet import error as netError
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from securepub.clients.blocking import (
+    DEFAULT_RETRY,
+    MAX_IDLE_SECONDS,
+    MAX_RESPONSE_BYTES,
+    APIError,
+    CertificateError,
+    ClientError,
+    ConnectionFailed,
+    IssuedTicket,
+    RetryPolicy,
+    ServerURL,
+    bearer,
+    encode_json,
+    issued_ticket,
+    parse_response,
+    parse_url,
+    published_id,
+    ticket_request,
+)
+
+__all__ = [
+    "FATAL_CLOSE_CODES",
+    "SUBSCRIBE_BACKOFF",
+    "SubscribeRefused",
+    "Subscriber",
+    "TwistedPublisher",
+    "client_tls",
+    "load_trust_root",
+]
+
+SUBPROTOCOL: Final = "securepub.v1"
+
+#: Close codes after which reconnecting cannot help (README: "fix the client").
+FATAL_CLOSE_CODES: Final = frozenset({1003, 1007, 1008, 1009})
+
+#: Delays between reconnections of a `Subscriber` (``retries`` is not used: it never gives up).
+SUBSCRIBE_BACKOFF: Final = RetryPolicy(retries=0, initial_delay=0.5, max_delay=30.0)
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def load_trust_root(ca: str | None) -> IOpenSSLTrustRoot:
+    """Every certificate in the PEM file ``ca``, or the platform's trust store."""
+    if not ca:
+        platform: IOpenSSLTrustRoot = platformTrust()
+        return platform
+    try:
+        with open(ca, "rb") as f:
+            pem = f.read()
+    except FileNotFoundError:
+        raise ClientError(f"CA file {ca} does not exist") from None
+    except OSError as e:
+        raise ClientError(f"cannot read CA file {ca}: {e.strerror or type(e).__name__}") from None
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except SSL.Error:
+        certificates = []
+    if not certificates:
+        raise ClientError(f"CA file {ca} holds no PEM certificate")
+    root: IOpenSSLTrustRoot = trustRootFromCertificates(certificates)
+    return root
+
+
+def client_tls(host: str, root: IOpenSSLTrustRoot) -> IOpenSSLClientConnectionCreator:
+    """TLS 1.2+ to ``host``, its certificate checked against ``root`` and its name."""
+    creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
+        host, trustRoot=root, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+    )
+    return creator
+
+
+@implementer(IPolicyForHTTPS)
+class _VerifyingPolicy:
+    """The Agent's TLS policy: always `client_tls`, whatever the host."""
+
+    def __init__(self, root: IOpenSSLTrustRoot) -> None:
+        self._root = root
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        return client_tls(hostname.decode("ascii"), self._root)
+
+
+def _is_tls_failure(failure: Failure) -> bool:
+    """Whether a connection failed in the TLS handshake (untrusted certificate, wrong name)."""
+    reasons: list[Failure] = [failure]
+    seen = 0
+    while reasons and seen < 20:
+        seen += 1
+        current = reasons.pop()
+        if current.check(SSL.Error, VerificationError, ServiceIdentityCertificateError):
+            return True
+        nested = getattr(current.value, "reasons", None)
+        if isinstance(nested, list):
+            reasons.extend(r for r in nested if isinstance(r, Failure))
+    return False
+
+
+def _as_client_error(failure: Failure, origin: str) -> Failure:
+    """Turn Twisted's connection failures into securepub's `ClientError` classes."""
+    if failure.check(ClientError):
+        return failure
+    if _is_tls_failure(failure):
+        return Failure(
+            CertificateError(
+                f"TLS handshake with {origin} failed: its certificate is not trusted or "
+                "does not name the host (is SECUREPUB_CA the CA that signed it?)"
+            )
+        )
+    if failure.check(netError.ConnectionRefusedError):
+        return Failure(
+            ConnectionFailed(f"cannot connect to {origin}: connection refused", refused=True)
+        )
+    if failure.check(netError.ConnectError):
+        return Failure(ConnectionFailed(f"cannot connect to {origin}: {failure.getErrorMessage()}"))
+    if failure.check(CancelledError, netError.TimeoutError):
+        return Failure(
+            ConnectionFailed(
+                f"no answer from {origin} in time; the request may or may not have been "
+                "carried out",
+                sent=True,
+            )
+        )
+    if failure.check(ResponseFailed, netError.ConnectionLost, netError.ConnectionDone):
+        return Failure(
+            ConnectionFailed(
+                f"the connection to {origin} broke during the request; it may or may not "
+                "have been carried out",
+                sent=True,
+            )
+        )
+    return Failure(
+        ConnectionFailed(f"request to {origin} failed: {type(failure.value).__name__}", sent=True)
+    )
+
+
+class _Body(Protocol):
+    """Collects a response body of at most `MAX_RESPONSE_BYTES`."""
+
+    def __init__(self, done: Deferred[bytes], status: int) -> None:
+        self._done = done
+        self._status = status
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._size > MAX_RESPONSE_BYTES:
+            return  # already over, and stopped
+        self._size += len(data)
+        if self._size <= MAX_RESPONSE_BYTES:
+            self._parts.append(data)
+            return
+        self._parts = []
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._size > MAX_RESPONSE_BYTES:
+            self._done.errback(
+                APIError(self._status, "unexpected_response", "the answer is too large")
+            )
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(b"".join(self._parts))
+        else:
+            self._done.errback(reason)
+
+
+class TwistedPublisher:
+    """`securepub.clients.blocking.Publisher` for Twisted code: the same calls, returning Deferreds.
+
+    Connections are kept alive in an `HTTPConnectionPool`; only a refused
+    connection and a 503 are retried, with the same `RetryPolicy`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        api_key: str,
+        ca: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._reactor = reactor
+        self._url: ServerURL = parse_url(url)
+        self._authorization = bearer(api_key).encode("ascii")
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 1
+        self._pool.cachedConnectionTimeout = int(MAX_IDLE_SECONDS)
+        self._agent = Agent(
+            reactor, contextFactory=_VerifyingPolicy(load_trust_root(ca)), pool=self._pool
+        )
+        self._timeout = timeout
+        self._retry = retry
+        self._rand = rand
+
+    def __repr__(self) -> str:
+        return f"<TwistedPublisher {self._url.origin}{self._url.prefix}>"
+
+    @property
+    def url(self) -> ServerURL:
+        return self._url
+
+    def publish(self, topic: str, data: Any) -> Deferred[str]:
+        """Publish ``data`` to ``topic``; fires with the message id or fails with `ClientError`."""
+        d = self._call("/v1/publish", encode_json({"topic": topic, "data": data}))
+        return d.addCallback(published_id)
+
+    def issue_ticket(
+        self,
+        user: str,
+        *,
+        client_ip: str | None = None,
+        subscribe: Iterable[str] = (),
+        publish: Iterable[str] = (),
+        ttl: int | None = None,
+    ) -> Deferred[IssuedTicket]:
+        """Issue a single-use WebSocket ticket; fires with an `IssuedTicket`."""
+        body = ticket_request(
+            user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
+        )
+        return self._call("/v1/tickets", encode_json(body)).addCallback(issued_ticket)
+
+    def close(self) -> Deferred[None]:
+        """Close the kept-alive connections."""
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
+
+    def _call(self, path: str, body: bytes) -> Deferred[dict[str, Any]]:
+        def attempt(number: int) -> Deferred[dict[str, Any]]:
+            d = self._attempt(path, body)
+
+            def retry(failure: Failure) -> Any:
+                value = failure.value
+                safe = (isinstance(value, ConnectionFailed) and value.refused) or (
+                    isinstance(value, APIError) and value.status == 503
+                )
+                if not safe or number >= self._retry.retries:
+                    return failure
+                delay = self._retry.delay(number, self._rand)
+                return deferLater(self._reactor, delay, attempt, number + 1)
+
+            return d.addErrback(retry)
+
+        return attempt(0)
+
+    def _attempt(self, path: str, body: bytes) -> Deferred[dict[str, Any]]:
+        origin = self._url.origin
+        target = (origin + self._url.path(path)).encode("ascii")
+        headers = Headers(
+            {
+                b"Authorization": [self._authorization],
+                b"Content-Type": [b"application/json"],
+                b"Accept": [b"application/json"],
+                b"User-Agent": [b"securepub-python-twisted"],
+            }
+        )
+        d: Deferred[IResponse] = self._agent.request(
+            b"POST", target, headers, FileBodyProducer(BytesIO(body))
+        )
+
+        def read(response: IResponse) -> Deferred[dict[str, Any]]:
+            length = response.length
+            if isinstance(length, int) and length > MAX_RESPONSE_BYTES:
+                raise APIError(response.code, "unexpected_response", "the answer is too large")
+            body: Deferred[bytes] = Deferred()
+            response.deliverBody(_Body(body, response.code))
+            return body.addCallback(lambda data: parse_response(response.code, data))
+
+        result: Deferred[dict[str, Any]] = d.addCallback(read)
+        result.addTimeout(self._timeout, self._reactor)
+        return result.addErrback(_as_client_error, origin)
+
+
+# -- subscribing ------------------------------------------------------------
+
+
+class _SubscriberProtocol(WebSocketClientProtocol):
+    """One connection: subscribe after ``welcome``, hand ``message`` frames on."""
+
+    factory: _SubscriberFactory
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            return
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(frame, dict):
+            self.factory.owner._frame(self, frame)
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        self.sendMessage(json.dumps(frame, separators=(",", ":")).encode("utf-8"))
+
+    def connectionLost(self, reason: Failure = netError.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.factory.lost_reason = reason
+        super().connectionLost(reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.owner._closed(self, code, reason)
+
+
+class _SubscriberFactory(WebSocketClientFactory):
+    protocol = _SubscriberProtocol  # type: ignore[assignment]
+
+    def __init__(self, owner: Subscriber, url: str, ticket: str) -> None:
+        super().__init__(url, protocols=[SUBPROTOCOL, "ticket." + ticket])
+        self.owner = owner
+        self.lost_reason: Failure | None = None
+        self.setProtocolOptions(
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            autoPingInterval=30,
+            autoPingTimeout=10,
+        )
+
+
+def _close(protocol: _SubscriberProtocol) -> None:
+    """A clean close once open; before that, drop the connection."""
+    if protocol.state == protocol.STATE_OPEN:
+        protocol.sendClose(1000)
+    else:
+        protocol.dropConnection(abort=True)
+
+
+class SubscribeRefused(ClientError):
+    """The server refused a subscription (``forbidden``, ``invalid_topic``, ...)."""
+
+
+class Subscriber:
+    """Subscribe to patterns over ``wss://``, for as long as it runs.
+
+    Each connection starts with a fresh ticket from ``get_ticket`` (tickets
+    are single use), subscribes to every pattern once the server's
+    ``welcome`` arrives and hands each ``message`` frame to ``on_message``.
+    A lost connection is retried with exponential backoff and jitter
+    (`RetryPolicy` delays, restarting from the first after each successful
+    subscription). What retrying cannot fix ends it: a refused ticket
+    request other than 503/429, an untrusted certificate, a refused
+    subscription, or a close code in `FATAL_CLOSE_CODES`.
+
+    ``run()`` fires when `stop` is called, or fails with the `ClientError`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        patterns: Sequence[str],
+        get_ticket: Callable[[], Deferred[str]],
+        on_message: Callable[[dict[str, Any]], None],
+        *,
+        ca: str | None = None,
+        on_status: Callable[[str], None] = lambda text: None,
+        backoff: RetryPolicy = SUBSCRIBE_BACKOFF,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if not patterns:
+            raise ClientError("at least one pattern is required")
+        self._reactor = reactor
+        self._url = parse_url(url)
+        self._root = load_trust_root(ca)
+        self._patterns = tuple(dict.fromkeys(patterns))
+        self._get_ticket = get_ticket
+        self._on_message = on_message
+        self._on_status = on_status
+        self._backoff = backoff
+        self._rand = rand
+        self._attempts = 0
+        self._done: Deferred[None] | None = None
+        self._stopping = False
+        self._protocol: _SubscriberProtocol | None = None
+        self._timer: IDelayedCall | None = None
+        self._pending: dict[int, str] = {}
+        self._next_id = 0
+
+    def run(self) -> Deferred[None]:
+        """Start; the Deferred fires after `stop`, or fails with what ended it."""
+        if self._done is not None:
+            raise RuntimeError("a Subscriber runs once")
+        self._done = Deferred()
+        self._connect()
+        return self._done
+
+    def stop(self) -> None:
+        """Close the connection and stop reconnecting."""
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._protocol is not None:
+            _close(self._protocol)
+        else:
+            self._finish(None)
+
+    # -- the connect / reconnect loop
+
+    def _connect(self) -> None:
+        self._timer = None
+        if self._stopping:
+            self._finish(None)
+            return
+        d = maybeDeferred(self._get_ticket)
+        d.addCallbacks(self._open, self._ticket_failed)
+
+    def _ticket_failed(self, failure: Failure) -> None:
+        value = failure.value
+        transient = (
+            isinstance(value, ConnectionFailed) and not isinstance(value, CertificateError)
+        ) or (isinstance(value, APIError) and value.status in (429, 503))
+        if not transient:
+            self._finish(failure)
+            return
+        self._retry(f"no ticket ({value})")
+
+    def _open(self, ticket: str) -> Deferred[None]:
+        if self._stopping:
+            self._finish(None)
+            return succeed(None)
+        host = self._url.host
+        factory = _SubscriberFactory(self, self._url.websocket, ticket)
+        endpoint = wrapClientTLS(
+            client_tls(host, self._root), HostnameEndpoint(self._reactor, host, self._url.port)
+        )
+        d: Deferred[Any] = endpoint.connect(factory)
+
+        def connected(protocol: _SubscriberProtocol) -> None:
+            self._protocol = protocol
+            if self._stopping:
+                _close(protocol)  # stopped while connecting
+
+        def failed(failure: Failure) -> None:
+            error = _as_client_error(failure, self._url.origin)
+            if isinstance(error.value, CertificateError):
+                self._finish(error)
+            else:
+                self._retry(str(error.value))
+
+        return d.addCallbacks(connected, failed)
+
+    def _retry(self, why: str) -> None:
+        if self._stopping:
+            self._finish(None)
+            return
+        delay = self._backoff.delay(self._attempts, self._rand)
+        self._attempts += 1
+        self._on_status(f"{why}; reconnecting in {delay:.1f} s")
+        self._timer = self._reactor.callLater(delay, self._connect)
+
+    def _finish(self, result: Failure | None) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        self._stopping = True
+        if result is None:
+            done.callback(None)
+        else:
+            done.errback(result)
+
+    # -- called by the protocol
+
+    def _frame(self, protocol: _SubscriberProtocol, frame: dict[str, Any]) -> None:
+        op, frame_id = frame.get("op"), frame.get("id")
+        pattern: str | None
+        if op == "message":
+            self._on_message(frame)
+        elif op == "welcome":
+            self._pending = {}
+            for pattern in self._patterns:
+                self._next_id += 1
+                self._pending[self._next_id] = pattern
+                protocol.send_json({"op": "subscribe", "id": self._next_id, "topic": pattern})
+        elif op == "ok":
+            pattern = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
+            if pattern is not None and not self._pending:
+                self._attempts = 0
+                self._on_status(f"subscribed to {' '.join(self._patterns)}")
+        elif op == "error":
+            pattern = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
+            if pattern is not None:
+                code = str(frame.get("code"))[:40]
+                message = str(frame.get("message"))[:300]
+                self._stopping = True
+                _close(protocol)
+                self._finish(Failure(SubscribeRefused(f"{code}: {message} ({pattern})")))
+
+    def _closed(self, protocol: _SubscriberProtocol, code: int | None, reason: str | None) -> None:
+        if protocol is self._protocol:
+            self._protocol = None
+        if self._stopping:
+            self._finish(None)
+            return
+        lost = protocol.factory.lost_reason
+        if lost is not None and _is_tls_failure(lost):
+            self._finish(_as_client_error(lost, self._url.origin))
+            return
+        if code in FATAL_CLOSE_CODES:
+            self._finish(Failure(ClientError(f"the server closed the connection with code {code}")))
+            return
+        self._retry(f"connection closed (code {code})")

@@ -1,0 +1,1 @@
+"""The domain: topics, grants, tickets, validation, origin policy, limits; no I/O, no Autobahn."""

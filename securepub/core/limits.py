@@ -1,0 +1,23 @@
+"""The per-message and per-connection bounds every part of a node enforces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-message and per-connection bounds (SPEC section 6, ``[limits]``)."""
+
+    max_message_bytes: int = 65536
+    max_json_depth: int = 32
+    max_subscriptions: int = 100
+    max_connections_per_ip: int = 100
+    max_publish_rate: float = 50.0
+    max_errors: int = 50
+    max_queued_bytes: int = 1024 * 1024
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame, HTTP body or reassembled message accepted at all."""
+        return self.max_message_bytes + 4096

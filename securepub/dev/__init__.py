@@ -1,0 +1,1 @@
+"""Development tooling: --dev certificates, the demo page and its ticket endpoint."""

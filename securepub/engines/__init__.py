@@ -1,0 +1,1 @@
+"""Cluster engines: what carries tickets, messages, history and presence (memory or Redis)."""

@@ -1,0 +1,1 @@
+"""The embedded engine: everything in this process, for one node."""

@@ -1,0 +1,1 @@
+"""Operations: the audit log and the metrics a node exposes."""

@@ -1,0 +1,230 @@
+"""The one twisted.web site behind the TLS listener: routing, body cap, access log."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from securepub.core.clientip import ProxyPolicy
+from securepub.server.api import NotFound, error_body
+
+_log = Logger()
+
+
+def _max_body(request: Request) -> int:
+    limit: int = getattr(request.channel, "site").max_body_bytes  # noqa: B009
+    return limit
+
+
+class CappedRequest(Request):
+    """A request whose body is refused (413) once it passes the site's cap.
+
+    twisted.web buffers a whole body before rendering, so the cap is applied
+    while it arrives: a declared Content-Length over the cap is answered at
+    once, and a chunked body is cut as soon as it grows past it.
+    """
+
+    _too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > _max_body(self):
+            self._refuse_too_large()
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > _max_body(self):
+            self._refuse_too_large()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A bug answers 500 in JSON, like every other error, never a traceback."""
+        _log.failure("request failed {path}", reason, path=self.path.decode("ascii", "replace"))
+        if self.finished or self._disconnected:
+            return
+        body = error_body(self, "internal_error", "internal error; nothing was done")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+    def _refuse_too_large(self) -> None:
+        self._too_large = True
+        limit = _max_body(self)
+        body = b'{"error":"too_large","message":"the body is over the %d-byte limit"}' % limit
+        transport = self.channel.transport
+        if transport is None:
+            return
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Cache-Control: no-store\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        # Through the channel, which unregisters itself as the transport's
+        # producer first: TLS would otherwise wait for that before closing.
+        self.channel.loseConnection()
+        _log.info(
+            "request refused: body over {limit} bytes peer={peer}",
+            securepub_event="body_too_large",
+            limit=limit,
+            peer=getattr(transport.getPeer(), "host", None),
+        )
+
+
+class DeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive a request's headers within a deadline.
+
+    Twisted's idle timeout restarts with every byte, so a client dribbling a
+    byte at a time (slowloris), or one that never finishes its TLS
+    handshake, could hold a connection for ever. The deadline runs from the
+    connection's start, and from the first byte of each later request.
+    """
+
+    headers_timeout: float = 10.0
+    _deadline: IDelayedCall | None = None
+    _between_requests = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between_requests:
+            self._between_requests = False
+            self._arm()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        self._between_requests = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(self.headers_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        _log.info(
+            "dropping a connection that sent no complete request headers in {timeout} s "
+            "peer={peer}",
+            securepub_event="headers_timeout",
+            timeout=self.headers_timeout,
+            peer=getattr(transport.getPeer(), "host", None),
+        )
+        transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class SecurePubSite(Site):
+    """A Site that caps bodies, hides tracebacks and never logs query strings.
+
+    The access log leaves the query string out because ``/ws?ticket=...``
+    carries a ticket there.
+    """
+
+    requestFactory = CappedRequest
+    # Plain HTTP/1.1 channels (no HTTP/2 negotiation), with a headers deadline.
+    protocol = DeadlineChannel  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        headers_timeout: float = 10.0,
+        proxies: ProxyPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.headers_timeout = headers_timeout
+        #: Trusted reverse proxies, for the client's address (see `api.client_ip`).
+        self.proxies = proxies
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.headers_timeout = self.headers_timeout
+        return channel
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """No per-request access log.
+
+        Twisted's would hold ``/ws?ticket=...`` query strings, and even a
+        sanitized debug line per request cost 15% of issuing a ticket
+        (bench/). Security decisions are logged as events of their own, and
+        /metrics counts the rest.
+        """
+
+
+class WebSocketOnly(Resource):
+    """``/ws`` exactly (query allowed); anything below it is 404."""
+
+    isLeaf = True
+
+    def __init__(self, websocket: WebSocketResource) -> None:
+        super().__init__()
+        self._websocket = websocket
+
+    def render(self, request: Request) -> Any:
+        if request.postpath not in ([], [b""]):
+            return error_body(request, "not_found", "no such resource")
+        upgrade = (request.getHeader(b"upgrade") or b"").strip().lower()
+        if request.method != b"GET" or upgrade != b"websocket":
+            return error_body(request, "bad_request", "/ws only accepts WebSocket upgrades")
+        return self._websocket.render(request)
+
+
+class Root(Resource):
+    """Routes exact paths to their resources; everything else is a JSON 404."""
+
+    def __init__(self, routes: Mapping[bytes, IResource]) -> None:
+        super().__init__()
+        self._routes = routes
+        self._not_found = NotFound()
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        # Two-segment API paths (/v1/tickets) are looked up whole.
+        if path == b"v1" and request.postpath and request.prepath is not None:
+            segment = request.postpath.pop(0)
+            request.prepath.append(segment)
+            return self._routes.get(b"v1/" + segment, self._not_found)
+        return self._routes.get(path, self._not_found)
+
+    def render(self, request: Request) -> bytes:
+        return self._not_found.render(request)
