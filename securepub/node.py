@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.application.service import Service
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -12,21 +13,25 @@ from twisted.web.resource import IResource
 
 from securepub.broker.broker import Broker
 from securepub.core.apikeys import load_api_keys
-from securepub.core.engine import IFanout
+from securepub.core.engine import IFanout, IHistory
 from securepub.core.errors import ConfigError
 from securepub.core.origin import OriginPolicy
 from securepub.core.tickets import ITicketStore
 from securepub.core.validation import PayloadValidator
 from securepub.dev.pages import dev_routes
 from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.history import HistorySweeper, MemoryHistory
 from securepub.engines.memory.tickets import MemoryTicketStore
+from securepub.engines.redis.codec import Codec
 from securepub.engines.redis.fanout import CHANNEL, RedisFanout
+from securepub.engines.redis.history import RedisHistory
 from securepub.engines.redis.link import RedisLink
 from securepub.engines.redis.tickets import RedisTicketStore
 from securepub.ops.metrics import Metrics
 from securepub.server.api import (
     DisconnectResource,
     Health,
+    HistoryResource,
     MetricsResource,
     PublishResource,
     TicketsResource,
@@ -64,18 +69,20 @@ class Node:
         )
         self.metrics = Metrics()
         self.redis_links: list[RedisLink] = []
+        self.history_memory: MemoryHistory | None = None
+        self._services: list[Service] = []
         fanout: IFanout
+        history: IHistory
         if settings.redis is None:
             self.tickets: ITicketStore = MemoryTicketStore(reactor)
-            fanout = LocalFanout()
+            self.history_memory = MemoryHistory(reactor, limits.max_history_bytes)
+            history = self.history_memory
+            fanout = LocalFanout(self.history_memory)
+            self._services.append(HistorySweeper(self.history_memory, reactor))
         else:
             commands = RedisLink(reactor, settings.redis, "commands", metrics=self.metrics)
-            redis_fanout = RedisFanout(
-                commands,
-                max_body_bytes=limits.max_frame_bytes,
-                clock=reactor,
-                signer=settings.cluster_signer,
-            )
+            codec = Codec(limits.max_frame_bytes, settings.cluster_signer)
+            redis_fanout = RedisFanout(commands, codec, reactor)
             messages = RedisLink(
                 reactor,
                 settings.redis,
@@ -83,9 +90,12 @@ class Node:
                 channel=CHANNEL,
                 on_message=redis_fanout.received,
                 metrics=self.metrics,
+                on_connected=redis_fanout.connected,
             )
             self.redis_links = [commands, messages]
+            self._services.extend(self.redis_links)
             self.tickets = RedisTicketStore(commands, reactor)
+            history = RedisHistory(commands, codec, reactor)
             fanout = redis_fanout
         # The broker frames messages with the factory's prepareMessage (looked
         # up at call time, see _prepare), so it can be built first.
@@ -95,6 +105,7 @@ class Node:
             reactor,
             prepare=self._prepare,
             fanout=fanout,
+            history=history,
             metrics=self.metrics,
         )
         self.factory = SecurePubFactory(
@@ -112,6 +123,7 @@ class Node:
             b"healthz": Health(self.health_problem),
             b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
+            b"v1/history": HistoryResource(settings.api_keys, reactor, self.broker),
             b"metrics": MetricsResource(settings.api_keys, reactor, self.metrics.render),
             b"v1/disconnect": DisconnectResource(
                 settings.api_keys, reactor, self.broker, self.tickets
@@ -134,9 +146,9 @@ class Node:
             parsePOSTFormSubmission=False,
         )
 
-    def services(self) -> list[RedisLink]:
-        """Services to run beside the listener (the Redis links, when clustered)."""
-        return list(self.redis_links)
+    def services(self) -> list[Service]:
+        """Services to run beside the listener: the Redis links, or the history sweeper."""
+        return list(self._services)
 
     def reload(self) -> None:
         """Reload the certificate, key and API keys (SIGHUP).
@@ -183,6 +195,16 @@ class Node:
             "Tickets and tombstones this node holds (0 with Redis, which holds them).",
             self.tickets.size,
         )
+        memory = self.history_memory
+        if memory is not None:
+            gauge("history_messages", "Messages held in history.", lambda: memory.messages)
+            gauge("history_bytes", "Bytes counted for history.", lambda: memory.bytes)
+            gauge("history_topics", "Topics holding history.", lambda: memory.topics)
+            gauge(
+                "history_evicted_topics",
+                "Topics evicted from history over max_history_bytes (since start).",
+                lambda: memory.evicted,
+            )
         if self.redis_links:
             gauge(
                 "redis_up",

@@ -15,16 +15,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from securepub.broker.broker import Broker, Grants, RecordingSubscriber
 from securepub.core.apikeys import ApiKeys
 from securepub.core.clientip import ProxyPolicy
+from securepub.core.history import HistoryPolicy
 from securepub.core.limits import Limits
 from securepub.core.origin import OriginPolicy
 from securepub.core.topics import Pattern
-from securepub.core.validation import PayloadValidator
+from securepub.core.validation import PayloadValidator, TopicRule
 from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.history import MemoryHistory
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.ops.metrics import Metrics
 from securepub.server.api import (
     DisconnectResource,
     Health,
+    HistoryResource,
     MetricsResource,
     PublishResource,
     TicketsResource,
@@ -547,3 +550,97 @@ class ScopedKeyTests(SynchronousTestCase):
         self.assertEqual((r.status, r.json()["error"]), (403, "forbidden"))
         self.assertEqual(self.call("GET", "/metrics").status, 403)
         self.assertEqual(self.call("GET", "/metrics", key=KEY).status, 200)
+
+
+class HistoryApiTests(SynchronousTestCase):
+    """``/v1/publish`` with positions and ``GET /v1/history`` (SPEC section 8)."""
+
+    SCOPED = "scoped-key-0123456789"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        rules = [TopicRule(Pattern.parse("news.>"), history=HistoryPolicy(size=5, ttl=60))]
+        self.history = MemoryHistory(self.clock, 10**8)
+        self.broker = Broker(
+            PayloadValidator(1000, 4, rules),
+            Limits(),
+            self.clock,
+            fanout=LocalFanout(self.history),
+            history=self.history,
+        )
+        keys = ApiKeys([KEY.encode(), (self.SCOPED.encode(), (Pattern.parse("news.mine"),))])
+        self.site = SecurePubSite(
+            Root(
+                {
+                    b"v1/publish": PublishResource(keys, self.clock, self.broker),
+                    b"v1/history": HistoryResource(keys, self.clock, self.broker),
+                }
+            ),
+            max_body_bytes=5000,
+            reactor=self.clock,
+        )
+
+    def call(self, method: str, path: str, body: Any = None, key: str = KEY) -> Response:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.5", 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.5", 4000))
+        channel.makeConnection(transport)
+        data = json.dumps(body).encode() if body is not None else b""
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        channel.dataReceived(head.encode() + data)
+        return Response(transport.value())
+
+    def test_publish_answers_the_position_on_history_topics(self) -> None:
+        """202 {"id", "offset", "epoch"} on a topic with history, {"id"} elsewhere."""
+        first = self.call("POST", "/v1/publish", {"topic": "news.a", "data": 1}).json()
+        second = self.call("POST", "/v1/publish", {"topic": "news.a", "data": 2}).json()
+        self.assertEqual((first["offset"], second["offset"]), (1, 2))
+        self.assertEqual(first["epoch"], second["epoch"])
+        plain = self.call("POST", "/v1/publish", {"topic": "other", "data": 1}).json()
+        self.assertEqual(set(plain), {"id"})
+
+    def test_history_returns_messages_as_delivered(self) -> None:
+        """offset, epoch and the message objects after since, at most limit of them."""
+        ids = [
+            self.call("POST", "/v1/publish", {"topic": "news.a", "data": n}).json()["id"]
+            for n in range(7)
+        ]
+        r = self.call("GET", "/v1/history?topic=news.a&since=3&limit=2")
+        self.assertEqual(r.status, 200, r.body)
+        page = r.json()
+        self.assertEqual(page["offset"], 7)
+        self.assertEqual([m["offset"] for m in page["messages"]], [4, 5])
+        self.assertEqual([m["id"] for m in page["messages"]], ids[3:5])
+        first = page["messages"][0]
+        self.assertEqual((first["op"], first["topic"], first["data"]), ("message", "news.a", 3))
+        whole = self.call("GET", "/v1/history?topic=news.a").json()
+        self.assertEqual([m["offset"] for m in whole["messages"]], [3, 4, 5, 6, 7])
+        empty = self.call("GET", "/v1/history?topic=news.never").json()
+        self.assertEqual((empty["offset"], empty["messages"]), (0, []))
+
+    def test_history_refusals(self) -> None:
+        """Bad parameters are 400, a topic without history too; scoped keys read their own."""
+        for query in (
+            "",
+            "?topic=news.*",
+            "?topic=plain.topic",
+            "?topic=news.a&since=-1",
+            "?topic=news.a&since=x",
+            "?topic=news.a&limit=0",
+            "?topic=news.a&limit=1001",
+            "?topic=news.a&topic=news.b",
+            "?topic=news.a&other=1",
+        ):
+            r = self.call("GET", "/v1/history" + query)
+            self.assertEqual(r.status, 400, query)
+            self.assertIn(r.json()["error"], ("bad_request", "invalid_topic"), query)
+        self.assertEqual(self.call("GET", "/v1/history?topic=news.a", key="nope" * 5).status, 401)
+        self.assertEqual(self.call("GET", "/v1/history?topic=news.a", key=self.SCOPED).status, 403)
+        self.assertEqual(
+            self.call("GET", "/v1/history?topic=news.mine", key=self.SCOPED).status, 200
+        )
+        self.assertEqual(self.call("POST", "/v1/history?topic=news.a", {}).status, 405)

@@ -13,8 +13,9 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from securepub.broker.broker import Broker, Grants, ISubscriber, RecordingSubscriber, Session
-from securepub.core.engine import IFanout
+from securepub.core.engine import IFanout, IReceiver
 from securepub.core.errors import RequestError
+from securepub.core.history import HistoryPolicy, Position, Publication
 from securepub.core.limits import Limits
 from securepub.core.topics import Pattern
 from securepub.core.validation import PayloadValidator, TopicRule
@@ -102,7 +103,7 @@ class BrokerTests(SynchronousTestCase):
         for topic in ("news.sports", "news.*", "news.>"):
             self.broker.subscribe(a, topic)
         self.broker.subscribe(b, "news.sports")
-        message_id = self.successResultOf(self.broker.publish("news.sports", {"score": [1, 2]}))
+        message_id = self.successResultOf(self.broker.publish("news.sports", {"score": [1, 2]})).id
         self.assertEqual(len(prepared), 1)
         self.assertEqual(len(sub_a.sent), 1)
         self.assertEqual(sub_a.sent, sub_b.sent)
@@ -187,7 +188,7 @@ class BrokerTests(SynchronousTestCase):
 
     def test_message_ids_unique(self) -> None:
         """Each publish gets a new id."""
-        ids = {self.successResultOf(self.broker.publish("a", i)) for i in range(100)}
+        ids = {self.successResultOf(self.broker.publish("a", i)).id for i in range(100)}
         self.assertEqual(len(ids), 100)
 
 
@@ -196,20 +197,21 @@ class RecordingFanout:
     """A fan-out engine that records calls and answers with Deferreds the test fires."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, str, float, str]] = []
-        self.pending: list[Deferred[None]] = []
+        self.published: list[tuple[Publication, HistoryPolicy | None]] = []
+        self.pending: list[Deferred[Position | None]] = []
 
-    def start(self, deliver: Any, disconnect: Any) -> None:
-        self.deliver = deliver
-        self.disconnect_sink = disconnect
+    def start(self, receiver: IReceiver) -> None:
+        self.receiver = receiver
 
     def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
-        self.disconnect_sink(user)
+        self.receiver.disconnect_local(user)
         return succeed(None)
 
-    def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
-        self.published.append((topic, message_id, ts, body))
-        d: Deferred[None] = Deferred()
+    def publish(
+        self, publication: Publication, history: HistoryPolicy | None
+    ) -> Deferred[Position | None]:
+        self.published.append((publication, history))
+        d: Deferred[Position | None] = Deferred()
         self.pending.append(d)
         return d
 
@@ -230,10 +232,12 @@ class FanoutTests(SynchronousTestCase):
         """The id is returned once the engine took the message; its failure is ours."""
         d = self.broker.publish("news.a", {"k": 1})
         self.assertNoResult(d)
-        [(topic, message_id, _, body)] = self.fanout.published
-        self.assertEqual((topic, body), ("news.a", '{"k":1}'))
+        [(publication, history)] = self.fanout.published
+        self.assertEqual(
+            (publication.topic, publication.body, history), ("news.a", '{"k":1}', None)
+        )
         self.fanout.pending[0].callback(None)
-        self.assertEqual(self.successResultOf(d), message_id)
+        self.assertEqual(self.successResultOf(d).id, publication.id)
         d2 = self.broker.publish("news.a", 2)
         self.fanout.pending[1].errback(RequestError("unavailable", "engine down"))
         self.assertEqual(self.failureResultOf(d2, RequestError).value.code, "unavailable")
@@ -243,7 +247,7 @@ class FanoutTests(SynchronousTestCase):
         sub = RecordingSubscriber()
         s = self.broker.open_session("a", grants(subscribe=(">",)), "ip", sub)
         self.broker.subscribe(s, "news.*")
-        self.fanout.deliver("news.a", "n-1", 5.0, "[1]")
+        self.fanout.receiver.deliver(Publication("news.a", "n-1", 5.0, "[1]"))
         self.assertEqual(json.loads(sub.sent[0])["data"], [1])
 
 

@@ -19,12 +19,14 @@ from txaio.testutil import replace_loop
 
 from securepub.broker.broker import Broker
 from securepub.core.clientip import ProxyPolicy
+from securepub.core.history import HistoryPolicy
 from securepub.core.limits import Limits
 from securepub.core.origin import OriginPolicy
 from securepub.core.tickets import StoreUnavailable, Ticket
 from securepub.core.topics import Pattern
 from securepub.core.validation import PayloadValidator, TopicRule
 from securepub.engines.memory.fanout import LocalFanout
+from securepub.engines.memory.history import MemoryHistory
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.server.protocol import SecurePubFactory, SecurePubServerProtocol
 from tests.wsframes import client_frame, handshake, server_frames, split_response
@@ -53,10 +55,21 @@ class Harness:
         self.clock.advance(1000)
         self.limits = limits or Limits(max_errors=5, max_connections_per_ip=2)
         self.store = MemoryTicketStore(self.clock)
-        rules = [TopicRule(Pattern.parse("chat.*"), None, True)]
+        rules = [
+            TopicRule(Pattern.parse("chat.*"), None, True),
+            TopicRule(Pattern.parse("news.>"), history=HistoryPolicy(size=100, ttl=300)),
+        ]
         validator = PayloadValidator(self.limits.max_message_bytes, 8, rules)
+        self.history = MemoryHistory(self.clock, 10**8)
+        broker = Broker(
+            validator,
+            self.limits,
+            self.clock,
+            fanout=LocalFanout(self.history),
+            history=self.history,
+        )
         self.factory = SecurePubFactory(
-            broker=Broker(validator, self.limits, self.clock, fanout=LocalFanout()),
+            broker=broker,
             tickets=self.store,
             origin_policy=OriginPolicy([ORIGIN], enforce),
             limits=self.limits,
@@ -559,3 +572,91 @@ class TimeoutTests(SynchronousTestCase):
             h.clock.advance(10)
         self.assertFalse(conn.transport.disconnecting)
         self.assertIsNone(conn.close_code())
+
+
+class HistoryFrameTests(SynchronousTestCase):
+    """SPEC section 8 over the protocol: positions in ok frames, since, recovery."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self, Limits(max_errors=50, max_connections_per_ip=5))
+        self.conn = self.h.open(subscribe=("news.>", "chat.*"))
+        self.conn.messages()  # welcome
+
+    def publish(self, topic: str = "news.a") -> None:
+        self.h.factory.broker.publish(topic, {"n": 1})
+
+    def test_subscribe_answers_the_position(self) -> None:
+        """An exact history topic's ok carries offset and epoch; messages carry theirs."""
+        self.publish()
+        self.conn.send({"op": "subscribe", "id": 1, "topic": "news.a"})
+        [ok] = self.conn.messages()
+        self.assertEqual((ok["op"], ok["id"], ok["offset"]), ("ok", 1, 1))
+        self.assertNotIn("recovered", ok)
+        self.publish()
+        [message] = self.conn.messages()
+        self.assertEqual((message["offset"], message["epoch"]), (2, ok["epoch"]))
+
+    def test_patterns_and_plain_topics_answer_a_plain_ok(self) -> None:
+        """Patterns and topics without history get {"op":"ok","id":...} as before."""
+        self.conn.send({"op": "subscribe", "id": 1, "topic": "news.*"})
+        self.conn.send({"op": "subscribe", "id": 2, "topic": "chat.x"})
+        self.assertEqual(self.conn.messages(), [{"op": "ok", "id": 1}, {"op": "ok", "id": 2}])
+
+    def test_since_recovers_the_missed_messages_in_order(self) -> None:
+        """recovered: true with the position, then the missed messages, then live ones."""
+        self.conn.send({"op": "subscribe", "id": 1, "topic": "news.a"})
+        [ok] = self.conn.messages()
+        self.conn.send({"op": "unsubscribe", "id": 2, "topic": "news.a"})
+        self.conn.messages()
+        for _ in range(3):
+            self.publish()
+        since = {"offset": 0, "epoch": ok["epoch"]}
+        self.conn.send({"op": "subscribe", "id": 3, "topic": "news.a", "since": since})
+        frames = self.conn.messages()
+        self.assertEqual(
+            frames[0], {"op": "ok", "id": 3, "recovered": True, "offset": 3, "epoch": ok["epoch"]}
+        )
+        self.assertEqual([f["offset"] for f in frames[1:]], [1, 2, 3])
+        self.publish()
+        self.assertEqual([f["offset"] for f in self.conn.messages()], [4])
+
+    def test_since_from_another_epoch_is_not_recovered(self) -> None:
+        """recovered: false and the current position, no old message."""
+        self.publish()
+        since = {"offset": 0, "epoch": "not-the-epoch"}
+        self.conn.send({"op": "subscribe", "id": 1, "topic": "news.a", "since": since})
+        [ok] = self.conn.messages()
+        self.assertEqual((ok["recovered"], ok["offset"]), (False, 1))
+
+    def test_bad_since_is_bad_request(self) -> None:
+        """since on a pattern or a plain topic, or of the wrong shape, is bad_request."""
+        good = {"offset": 1, "epoch": "e"}
+        for n, (topic, since) in enumerate(
+            [
+                ("news.*", good),
+                ("chat.x", good),
+                ("news.a", {"offset": 1}),
+                ("news.a", {"offset": -1, "epoch": "e"}),
+                ("news.a", {"offset": 1.5, "epoch": "e"}),
+                ("news.a", {"offset": True, "epoch": "e"}),
+                ("news.a", {"offset": 2**53, "epoch": "e"}),
+                ("news.a", {"offset": 1, "epoch": 7}),
+                ("news.a", {"offset": 1, "epoch": "e" * 65}),
+                ("news.a", {"offset": 1, "epoch": "e", "x": 1}),
+                ("news.a", [1, "e"]),
+            ]
+        ):
+            self.conn.send({"op": "subscribe", "id": n, "topic": topic, "since": since})
+            [error] = self.conn.messages()
+            self.assertEqual((error["op"], error["code"], error["id"]), ("error", "bad_request", n))
+
+    def test_since_without_the_grant_is_forbidden(self) -> None:
+        """Recovery is checked like any subscribe: no history for a ticket without the grant."""
+        self.publish("news.a")
+        conn = self.h.open(subscribe=("chat.*",))
+        conn.messages()
+        conn.send(
+            {"op": "subscribe", "id": 1, "topic": "news.a", "since": {"offset": 0, "epoch": "e"}}
+        )
+        [error] = conn.messages()
+        self.assertEqual(error["code"], "forbidden")

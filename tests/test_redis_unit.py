@@ -13,10 +13,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from securepub.core.engine import IReceiver
 from securepub.core.errors import ConfigError, RequestError
+from securepub.core.history import Publication
 from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
 from securepub.core.topics import Pattern
-from securepub.engines.redis.fanout import CHANNEL, RedisFanout, encode
+from securepub.engines.redis.codec import Codec
+from securepub.engines.redis.fanout import CHANNEL, RedisFanout
 from securepub.engines.redis.link import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
 from securepub.engines.redis.signing import ClusterSigner
 from securepub.engines.redis.tickets import (
@@ -47,6 +50,33 @@ class FakeRedisLink:
 
     def is_connected(self) -> bool:
         return self.connected
+
+
+@implementer(IReceiver)
+class Receiver:
+    """Records what an engine hands the node, as (topic, id, ts, body) tuples."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, str, float, str]] = []
+        self.disconnected: list[str] = []
+        self.resyncs = 0
+
+    def deliver(self, publication: Publication) -> None:
+        p = publication
+        self.delivered.append((p.topic, p.id, p.ts, p.body))
+
+    def disconnect_local(self, user: str) -> int:
+        self.disconnected.append(user)
+        return 1
+
+    def resync(self) -> None:
+        self.resyncs += 1
+
+
+def encode(
+    topic: str, message_id: str, ts: float, body: str, signer: ClusterSigner | None = None
+) -> str:
+    return Codec(10_000, signer).encode(topic, message_id, ts, body)
 
 
 def ticket(expires_at: float = 130.0, client_ip: str | None = "203.0.113.7") -> Ticket:
@@ -181,17 +211,18 @@ class RedisFanoutTests(SynchronousTestCase):
         self.redis = FakeRedisLink()
         self.clock = Clock()
         self.clock.advance(1000)
-        self.fanout = RedisFanout(self.redis, max_body_bytes=100, clock=self.clock)
-        self.delivered: list[tuple[str, str, float, str]] = []
-        self.disconnected: list[str] = []
-        self.fanout.start(lambda *args: self.delivered.append(args), self.disconnected.append)
+        self.fanout = RedisFanout(self.redis, Codec(100), clock=self.clock)
+        self.receiver = Receiver()
+        self.delivered = self.receiver.delivered
+        self.disconnected = self.receiver.disconnected
+        self.fanout.start(self.receiver)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def test_publish_goes_to_the_channel(self) -> None:
         """A publish is one PUBLISH on the cluster channel; the id comes back on success."""
-        d = self.fanout.publish("news.a", "n1-1", 5.5, '{"k":1}')
+        d = self.fanout.publish(Publication("news.a", "n1-1", 5.5, '{"k":1}'), None)
         self.assertEqual(
             self.redis.commands, [("PUBLISH", CHANNEL, '1\nnews.a\nn1-1\n5.5\n{"k":1}')]
         )
@@ -202,7 +233,9 @@ class RedisFanoutTests(SynchronousTestCase):
     def test_publish_unavailable(self) -> None:
         """While Redis is down a publish fails with 'unavailable' and nothing is sent."""
         self.redis.connected = False
-        f = self.failureResultOf(self.fanout.publish("a", "i", 1.0, "1"), RequestError)
+        f = self.failureResultOf(
+            self.fanout.publish(Publication("a", "i", 1.0, "1"), None), RequestError
+        )
         self.assertEqual(f.value.code, "unavailable")
 
     def test_round_trip(self) -> None:
@@ -263,14 +296,14 @@ class SignedFanoutTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1000)
         self.redis = FakeRedisLink()
-        self.fanout = RedisFanout(self.redis, 100, clock=self.clock, signer=SIGNER)
-        self.delivered: list[tuple[str, str, float, str]] = []
-        self.disconnected: list[str] = []
-        self.fanout.start(lambda *args: self.delivered.append(args), self.disconnected.append)
+        self.fanout = RedisFanout(self.redis, Codec(100, SIGNER), clock=self.clock)
+        self.receiver = Receiver()
+        self.delivered = self.receiver.delivered
+        self.fanout.start(self.receiver)
 
     def test_publish_is_signed(self) -> None:
         """What a node publishes carries an HMAC another node accepts."""
-        self.fanout.publish("news.a", "n1-1", 1000.0, "[1]")
+        self.fanout.publish(Publication("news.a", "n1-1", 1000.0, "[1]"), None)
         self.fanout.received(CHANNEL, self.redis.commands[0][2])
         self.assertEqual(self.delivered, [("news.a", "n1-1", 1000.0, "[1]")])
         self.assertTrue(self.redis.commands[0][2].startswith("2\n"))
@@ -323,11 +356,10 @@ class RevocationOverRedisTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(1000)
         redis = FakeRedisLink()
-        fanout = RedisFanout(redis, 100, clock=clock, signer=SIGNER)
-        delivered: list[object] = []
-        disconnected: list[str] = []
-        fanout.start(lambda *a: delivered.append(a), disconnected.append)
+        fanout = RedisFanout(redis, Codec(100, SIGNER), clock=clock)
+        receiver = Receiver()
+        fanout.start(receiver)
         fanout.disconnect("alice", "n1-1", 1000.0)
         fanout.received(CHANNEL, redis.commands[0][2])
         fanout.received(CHANNEL, encode("!disconnect", "n2-1", 1000.0, '"bob"'))
-        self.assertEqual((disconnected, delivered), (["alice"], []))
+        self.assertEqual((receiver.disconnected, receiver.delivered), (["alice"], []))

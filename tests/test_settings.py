@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securepub.core.apikeys import load_api_keys
 from securepub.core.errors import ConfigError
+from securepub.core.history import HistoryPolicy
 from securepub.core.limits import Limits
 from securepub.server.settings import load_settings
 
@@ -116,10 +117,43 @@ class SettingsTests(SynchronousTestCase):
             '[[topics]]\npattern = "a"\nextra = 1\n': "extra",
             '[[topics]]\npattern = "a"\nschema = "missing.json"\n': "topics[0].schema",
             "port = [\n": "not valid TOML",
+            '[[topics]]\npattern = "a"\nhistory_size = 10001\n': "topics[0].history_size",
+            '[[topics]]\npattern = "a"\nhistory_size = -1\n': "topics[0].history_size",
+            '[[topics]]\npattern = "a"\nhistory_size = 5\nhistory_ttl = 0\n': "history_ttl",
+            '[[topics]]\npattern = "a"\nhistory_size = 5\nhistory_ttl = 86401\n': "history_ttl",
+            '[[topics]]\npattern = "a"\nhistory_ttl = 60\n': "only used together",
+            "[limits]\nmax_history_bytes = 5\n": "limits.max_history_bytes",
         }
         for text, expected in cases.items():
             self.write("c.toml", text)
             self.assertIn(expected, self.error(self.options(config="c.toml")), text)
+
+    def test_history_rules(self) -> None:
+        """history_size and history_ttl make a rule's policy; none by default."""
+        self.write(
+            "c.toml",
+            '[[topics]]\npattern = "news.>"\nhistory_size = 100\n\n'
+            '[[topics]]\npattern = "feed.*"\nhistory_size = 7\nhistory_ttl = 30\n\n'
+            '[[topics]]\npattern = "plain"\n',
+        )
+        rules = load_settings(self.options(config="c.toml"), self.dir).topics
+        self.assertEqual(
+            [r.history for r in rules],
+            [HistoryPolicy(100, 300), HistoryPolicy(7, 30), None],
+        )
+
+    def test_history_that_could_outgrow_the_memory_bound_is_refused(self) -> None:
+        """One topic's fullest history must fit limits.max_history_bytes (embedded engine)."""
+        self.write(
+            "c.toml",
+            "[limits]\nmax_message_bytes = 65536\nmax_history_bytes = 104857600\n\n"
+            '[[topics]]\npattern = "news.>"\nhistory_size = 10000\n',
+        )
+        message = self.error(self.options(config="c.toml"))
+        self.assertIn("topics[0].history_size", message)
+        self.assertIn("limits.max_history_bytes", message)
+        with_redis = self.options(config="c.toml", redis="redis://127.0.0.1:6379")
+        self.assertEqual(load_settings(with_redis, self.dir).topics[0].history.size, 10000)
 
     def test_bad_schema_file(self) -> None:
         """A schema that is not strict JSON is refused naming the rule."""

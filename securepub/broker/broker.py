@@ -1,4 +1,4 @@
-"""Subscriptions, authorization, publishing and fan-out; knows sessions, not sockets."""
+"""Subscriptions, authorization, publishing and delivery; knows sessions, not sockets."""
 
 from __future__ import annotations
 
@@ -11,91 +11,47 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from securepub.core import jsonstrict
-from securepub.core.engine import IFanout
+from securepub.broker.feeds import Catchup, Feed, Verdict
+from securepub.broker.frames import message_frame, unsubscribed_frame
+from securepub.broker.sessions import Grants, ISubscriber, RecordingSubscriber, Session
+from securepub.core.engine import IFanout, IHistory, IReceiver
 from securepub.core.errors import RequestError
+from securepub.core.history import (
+    HistoryPage,
+    HistoryPolicy,
+    Position,
+    Publication,
+    Subscribed,
+    merge,
+)
 from securepub.core.limits import Limits
 from securepub.core.ratelimit import TokenBucket
 from securepub.core.topics import Pattern, SubscriptionIndex, covered_by_any, validate_topic
 from securepub.core.validation import PayloadValidator
 from securepub.ops.metrics import Metrics
 
+__all__ = ["Broker", "Grants", "ISubscriber", "Published", "RecordingSubscriber", "Session"]
 
-class ISubscriber(Interface):
-    """Where the broker hands a session's deliveries (a WebSocket, or a test fake)."""
-
-    def send_prepared(prepared: Any) -> None:
-        """Send one frame made by the broker's ``prepare`` callable."""
-
-    def revoke() -> None:
-        """The session was revoked: close the connection (it left the broker already)."""
-
-
-@implementer(ISubscriber)
-class RecordingSubscriber:
-    """An `ISubscriber` that keeps what it is sent; for tests and tools."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-        self.revoked = False
-
-    def send_prepared(self, prepared: Any) -> None:
-        self.sent.append(prepared)
-
-    def revoke(self) -> None:
-        self.revoked = True
+#: Why a subscription ended without the client asking (SPEC sections 8 and 9).
+LOST_HISTORY = "insufficient_state"
 
 
 @dataclass(frozen=True, slots=True)
-class Grants:
-    """What a ticket allows: patterns to subscribe to and to publish on."""
+class Published:
+    """What a publish answers: the message id, and its position on a history topic."""
 
-    subscribe: tuple[Pattern, ...] = ()
-    publish: tuple[Pattern, ...] = ()
-
-
-class Session:
-    """One authenticated connection as the broker sees it."""
-
-    __slots__ = (
-        "__weakref__",
-        "bucket",
-        "grants",
-        "id",
-        "peer",
-        "subscriber",
-        "subscriptions",
-        "user",
-    )
-
-    def __init__(
-        self,
-        id: str,
-        user: str,
-        grants: Grants,
-        peer: str,
-        subscriber: ISubscriber,
-        bucket: TokenBucket,
-    ) -> None:
-        self.id = id
-        self.user = user
-        self.grants = grants
-        self.peer = peer
-        self.subscriber = subscriber
-        self.bucket = bucket
-        #: pattern text -> Pattern, in subscription order
-        self.subscriptions: dict[str, Pattern] = {}
-
-    def __repr__(self) -> str:
-        return f"<Session {self.id} user={self.user!r}>"
+    id: str
+    position: Position | None = None
 
 
 def _identity(frame: bytes) -> Any:
     return frame
 
 
+@implementer(IReceiver)
 class Broker:
     """Authorizes and routes messages between sessions on this node.
 
@@ -103,6 +59,11 @@ class Broker:
     payloads are checked here, once per subscription or publish, never per
     subscriber. ``prepare`` turns a frame's bytes into what subscribers send
     (Autobahn's ``prepareMessage``), so a message is framed once for all.
+
+    On topics with history, every exact subscription goes through the
+    topic's `Feed`: it is answered with the topic's position, resumes from a
+    client's ``since`` when the history still holds everything after it, and
+    gets each offset once and in order however publishes race it.
     """
 
     _log = Logger()
@@ -114,6 +75,7 @@ class Broker:
         clock: IReactorTime,
         *,
         fanout: IFanout,
+        history: IHistory | None = None,
         prepare: Callable[[bytes], Any] = _identity,
         node_id: str | None = None,
         metrics: Metrics | None = None,
@@ -125,15 +87,18 @@ class Broker:
         # Message ids must be unique across nodes: 48 random bits per node.
         self._node = node_id or secrets.token_hex(6)
         self._fanout = fanout
+        self._history = history
         self.metrics = metrics if metrics is not None else Metrics()
-        self._fanout.start(self.deliver, self.disconnect_local)
         #: Publishes handed to the engine and not yet answered.
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._message_numbers = count(1)
         self._session_numbers = count(1)
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
+        #: history topic -> its feed, while it has exact subscribers here
+        self._feeds: dict[str, Feed] = {}
         self.sessions: dict[str, Session] = {}
+        self._fanout.start(self)
 
     # -- sessions ---------------------------------------------------------
 
@@ -157,17 +122,41 @@ class Broker:
         """Forget a connection and every subscription it held."""
         if self.sessions.pop(session.id, None) is None:
             return
-        for pattern in session.subscriptions.values():
-            self._index.remove(pattern, session)
-        session.subscriptions.clear()
+        for pattern in list(session.subscriptions.values()):
+            self._drop_subscription(session, pattern)
 
     # -- subscriptions ----------------------------------------------------
 
-    def subscribe(self, session: Session, topic: object) -> None:
-        """Subscribe to a topic or pattern covered by one of the session's grants."""
+    def history_policy(self, topic: str) -> HistoryPolicy | None:
+        """The history an exact topic keeps (its first matching rule's), or None."""
+        rule = self._validator.rule_for(topic)
+        return rule.history if rule is not None else None
+
+    def subscribe(
+        self,
+        session: Session,
+        topic: object,
+        since: Position | None = None,
+        confirm: Callable[[Subscribed], None] | None = None,
+    ) -> Deferred[Subscribed]:
+        """Subscribe to a topic or pattern covered by one of the session's grants.
+
+        Refusals raise `RequestError` at once. ``confirm`` is called when the
+        subscription is in place, before any message of it is sent (the
+        ``ok`` goes out there); on a history topic the missed messages then
+        follow, then live ones. The Deferred fires with the same `Subscribed`,
+        or fails with ``unavailable`` when the engine could not say where the
+        topic stands (the subscription is then dropped again).
+        """
         pattern = Pattern.parse(topic)
+        policy = self.history_policy(pattern.text) if pattern.is_literal else None
+        if since is not None and policy is None:
+            what = "a pattern" if not pattern.is_literal else "a topic without history"
+            raise RequestError("bad_request", f"'since' cannot be used on {what}")
         if pattern.text in session.subscriptions:
-            return
+            feed = self._feeds.get(pattern.text) if policy is not None else None
+            position = feed.cursor if feed is not None else None
+            return self._confirmed(Subscribed(position=position), confirm)
         if not covered_by_any(session.grants.subscribe, pattern):
             self._refuse(session, "subscribe", pattern.text, "no subscribe grant covers it")
         if len(session.subscriptions) >= self._limits.max_subscriptions:
@@ -177,16 +166,118 @@ class Broker:
             )
         session.subscriptions[pattern.text] = pattern
         self._index.add(pattern, session)
+        if policy is None:
+            return self._confirmed(Subscribed(), confirm)
+        return self._start_feed(session, pattern, policy, since, confirm)
+
+    @staticmethod
+    def _confirmed(
+        subscribed: Subscribed, confirm: Callable[[Subscribed], None] | None
+    ) -> Deferred[Subscribed]:
+        if confirm is not None:
+            confirm(subscribed)
+        return succeed(subscribed)
+
+    def _start_feed(
+        self,
+        session: Session,
+        pattern: Pattern,
+        policy: HistoryPolicy,
+        since: Position | None,
+        confirm: Callable[[Subscribed], None] | None,
+    ) -> Deferred[Subscribed]:
+        topic = pattern.text
+        feed = self._feeds.get(topic)
+        if feed is None:
+            feed = self._feeds[topic] = Feed(topic, policy)
+        feed.subscribers += 1
+        catchup = Catchup()
+        feed.starting[session] = catchup
+        history = self._history
+        assert history is not None, "a topic keeps history but the broker has no history engine"
+        if since is None:
+            read: Deferred[HistoryPage] = history.position(topic, policy).addCallback(HistoryPage)
+        else:
+            read = history.read(topic, policy, since.offset, policy.size)
+        done: Deferred[Subscribed] = Deferred()
+        read.addCallbacks(
+            self._caught_up,
+            self._not_started,
+            callbackArgs=(session, feed, catchup, since, confirm, done),
+            errbackArgs=(session, pattern, done),
+        )
+        return done
+
+    def _caught_up(
+        self,
+        page: HistoryPage,
+        session: Session,
+        feed: Feed,
+        catchup: Catchup,
+        since: Position | None,
+        confirm: Callable[[Subscribed], None] | None,
+        done: Deferred[Subscribed],
+    ) -> None:
+        buffered = catchup.buffered or []
+        subscribed, sending = merge(since, page, (p for p, _ in buffered))
+        if since is not None:
+            outcome = "recovered" if subscribed.recovered else "not_recovered"
+            self.metrics.recoveries[outcome] += 1
+        current = feed.starting.get(session) is catchup and self._feeds.get(feed.topic) is feed
+        if not current:
+            # Unsubscribed (or closed) while the read was in flight: answer, send nothing.
+            if session.id in self.sessions and confirm is not None:
+                confirm(subscribed)
+            done.callback(subscribed)
+            return
+        feed.read(page.position)
+        catchup.buffered = None
+        catchup.last = page.position
+        prepared_of = {id(p): prepared for p, prepared in buffered}
+        if confirm is not None:
+            confirm(subscribed)
+        for publication in sending:
+            prepared = prepared_of.get(id(publication))
+            if prepared is None:
+                prepared = self._prepare(message_frame(publication))
+            catchup.last = Position(
+                publication.offset or 0, publication.epoch or page.position.epoch
+            )
+            self._send_one(session, prepared)
+        if feed.caught_up(catchup):
+            del feed.starting[session]
+        done.callback(subscribed)
+
+    def _not_started(
+        self, failure: Failure, session: Session, pattern: Pattern, done: Deferred[Subscribed]
+    ) -> None:
+        if session.subscriptions.get(pattern.text) is pattern:
+            self._drop_subscription(session, pattern)
+        if not failure.check(RequestError):
+            self._log.failure("history read failed topic={topic}", failure, topic=pattern.text)
+            failure = Failure(RequestError("unavailable", "the cluster engine is unavailable"))
+        done.errback(failure)
 
     def unsubscribe(self, session: Session, topic: object) -> None:
         """Drop a subscription; dropping one not held is not an error."""
         pattern = Pattern.parse(topic)
-        if session.subscriptions.pop(pattern.text, None) is not None:
-            self._index.remove(pattern, session)
+        held = session.subscriptions.get(pattern.text)
+        if held is not None:
+            self._drop_subscription(session, held)
+
+    def _drop_subscription(self, session: Session, pattern: Pattern) -> None:
+        session.subscriptions.pop(pattern.text, None)
+        self._index.remove(pattern, session)
+        feed = self._feeds.get(pattern.text) if pattern.is_literal else None
+        if feed is not None:
+            feed.starting.pop(session, None)
+            feed.subscribers -= 1
+            if feed.subscribers <= 0:
+                del self._feeds[pattern.text]
 
     # -- publishing -------------------------------------------------------
 
-    def client_publish(self, session: Session, topic: object, data: Any) -> Deferred[str]:
+    def client_publish(self, session: Session, topic: object, data: Any) -> Deferred[Published]:
         """Publish for a browser: rate, grant and ``client_publish`` rule apply."""
         if not session.bucket.take():
             raise RequestError(
@@ -201,23 +292,25 @@ class Broker:
             self._refuse(session, "publish", name, "no topic rule allows browsers to publish")
         return self._publish(name, data)
 
-    def publish(self, topic: object, data: Any) -> Deferred[str]:
+    def publish(self, topic: object, data: Any) -> Deferred[Published]:
         """Publish for an authenticated backend: any valid topic, same payload checks."""
         return self._publish(validate_topic(topic), data)
 
-    def _publish(self, topic: str, data: Any) -> Deferred[str]:
+    def _publish(self, topic: str, data: Any) -> Deferred[Published]:
         """Validate once, number, and hand to the fan-out engine.
 
-        Checks raise `RequestError` synchronously; the Deferred fires with
-        the message id once the engine has taken the message, or fails with
-        ``unavailable`` when it could not (nothing was published).
+        Checks raise `RequestError` synchronously; the Deferred fires once the
+        engine has taken the message (with its position on a history topic),
+        or fails with ``unavailable`` when it could not (nothing was published).
         """
         body = self._validator.validate(topic, data)
         self.metrics.messages_in += 1
         message_id = f"{self._node}-{next(self._message_numbers)}"
         self._in_flight += 1
-        d = self._fanout.publish(topic, message_id, self._clock.seconds(), body)
-        return d.addBoth(self._landed).addCallback(lambda _: message_id)
+        publication = Publication(topic, message_id, self._clock.seconds(), body)
+        d = self._fanout.publish(publication, self.history_policy(topic))
+        d.addBoth(self._landed)
+        return d.addCallback(lambda position: Published(message_id, position))
 
     def _landed(self, result: Any) -> Any:
         self._in_flight -= 1
@@ -235,37 +328,160 @@ class Broker:
         self._idle_waiters.append(waiter)
         return waiter
 
-    def deliver(self, topic: str, message_id: str, ts: float, body: str) -> int:
-        """Frame a validated message once and hand it to every local subscriber.
+    # -- history for backends ---------------------------------------------
 
-        ``topic`` and ``message_id`` come from our own grammar (no characters
-        that need escaping), ``body`` is compact JSON from the validator.
+    def read_history(self, topic: object, since: int, limit: int) -> Deferred[HistoryPage]:
+        """A page of a topic's history (``GET /v1/history``); ``bad_request`` without one."""
+        name = validate_topic(topic)
+        policy = self.history_policy(name)
+        if policy is None or self._history is None:
+            raise RequestError("bad_request", f"topic {name} keeps no history")
+        d = self._history.read(name, policy, since, limit)
+        return d.addErrback(self._unavailable)
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        if failure.check(RequestError):
+            return failure
+        self._log.failure("history read failed", failure)
+        return Failure(RequestError("unavailable", "the cluster engine is unavailable"))
+
+    # -- delivery (IReceiver) ---------------------------------------------
+
+    def deliver(self, publication: Publication) -> int:
+        """Hand a validated publication to every local subscriber, framed once.
+
+        ``topic`` and ``id`` come from our own grammar (no characters that
+        need escaping), ``body`` is compact JSON from the validator. On a
+        history topic with exact subscribers the feed orders it first.
         Returns the number of sessions it was handed to.
         """
-        targets = self._index.match(topic)
+        if publication.offset is not None:
+            feed = self._feeds.get(publication.topic)
+            if feed is not None:
+                return self._through(feed, publication)
+        return self._send(publication, None)
+
+    def _through(self, feed: Feed, publication: Publication) -> int:
+        verdict = feed.accept(publication)
+        if verdict is Verdict.SEND:
+            sent = self._send(publication, feed)
+            if feed.starting:
+                feed.promote()
+            return sent
+        if verdict is Verdict.GAP:
+            self._fill(feed)
+        return 0
+
+    def _send(self, publication: Publication, feed: Feed | None) -> int:
+        targets = self._index.match(publication.topic)
         if not targets:
             return 0
-        frame = (
-            '{"op":"message","topic":'
-            + jsonstrict.dumps(topic)
-            + ',"id":'
-            + jsonstrict.dumps(message_id)
-            + ',"ts":'
-            + repr(ts)
-            + ',"data":'
-            + body
-            + "}"
-        ).encode("utf-8")
-        prepared = self._prepare(frame)
+        prepared = self._prepare(message_frame(publication))
         self.metrics.messages_out += len(targets)
-        self.metrics.publish_to_write.observe(max(0.0, self._clock.seconds() - ts))
-        for session in targets:
-            try:
-                session.subscriber.send_prepared(prepared)
-            except Exception:  # noqa: BLE001 - logged; isolation is the point
-                # One broken subscriber must not cost the others their copy.
-                self._log.failure("delivery failed session={session}", session=session.id)
+        self.metrics.publish_to_write.observe(max(0.0, self._clock.seconds() - publication.ts))
+        starting = feed.starting if feed is not None else None
+        if starting:
+            for session in targets:
+                catchup = starting.get(session)
+                if catchup is None or catchup.offer(publication, prepared):
+                    self._send_one(session, prepared)
+        else:
+            for session in targets:
+                self._send_one(session, prepared)
         return len(targets)
+
+    def _send_one(self, session: Session, prepared: Any) -> None:
+        try:
+            session.subscriber.send_prepared(prepared)
+        except Exception:  # noqa: BLE001 - logged; isolation is the point
+            # One broken subscriber must not cost the others their copy.
+            self._log.failure("delivery failed session={session}", session=session.id)
+
+    def resync(self) -> None:
+        """The engine's link came back: fill what each feed may have missed meanwhile."""
+        for feed in list(self._feeds.values()):
+            if feed.queue is not None:
+                feed.refill = True
+            elif feed.cursor is not None:
+                feed.queue = []
+                self._fill(feed)
+
+    def _fill(self, feed: Feed) -> None:
+        """Read what the feed missed after its cursor; meanwhile live messages wait."""
+        assert feed.cursor is not None and self._history is not None
+        d = self._history.read(feed.topic, feed.policy, feed.cursor.offset, feed.policy.size)
+        d.addCallbacks(self._filled, self._fill_failed, callbackArgs=(feed,), errbackArgs=(feed,))
+
+    def _filled(self, page: HistoryPage, feed: Feed) -> None:
+        if self._feeds.get(feed.topic) is not feed:
+            return
+        queue, feed.queue = feed.queue or [], None
+        if not self._apply_fill(feed, page, queue):
+            self._lose(feed, "the history no longer holds what this node missed")
+            for publication in queue:
+                self._send(publication, None)
+            return
+        for publication in queue:
+            self._through(feed, publication)
+        if feed.refill and feed.queue is None:
+            feed.refill = False
+            feed.queue = []
+            self._fill(feed)
+        if feed.starting:
+            feed.promote()
+
+    def _apply_fill(self, feed: Feed, page: HistoryPage, queue: list[Publication]) -> bool:
+        """Hand on what ``page`` holds after the cursor; whether the order is whole again."""
+        cursor = feed.cursor
+        assert cursor is not None
+        if page.position.epoch != cursor.epoch:
+            return False
+        for publication in page.publications:
+            if publication.offset == cursor.offset + 1:
+                feed.advance(publication)
+                self._send(publication, feed)
+                cursor = Position(cursor.offset + 1, cursor.epoch)
+        if page.position.offset > cursor.offset:
+            return False
+        if queue:
+            first = queue[0]
+            if first.epoch == cursor.epoch and (first.offset or 0) > cursor.offset + 1:
+                return False
+        return True
+
+    def _fill_failed(self, failure: Failure, feed: Feed) -> None:
+        if self._feeds.get(feed.topic) is not feed:
+            return
+        queue, feed.queue = feed.queue or [], None
+        self._lose(feed, f"history could not be read ({type(failure.value).__name__})")
+        for publication in queue:
+            self._send(publication, None)
+
+    def _lose(self, feed: Feed, why: str) -> None:
+        """End every exact subscription to a topic whose order this node lost.
+
+        Each gets ``unsubscribed`` with reason ``insufficient_state``; clients
+        subscribe again ``since`` their last offset and learn whether the
+        history could still recover them.
+        """
+        topic = feed.topic
+        sessions = self._index.exact(topic)
+        self._log.warn(
+            "lost track of topic {topic} ({why}); ending {count} subscription(s)",
+            topic=topic,
+            why=why,
+            count=len(sessions),
+            securepub_event="history_gap",
+        )
+        frame = self._prepare(unsubscribed_frame(topic, LOST_HISTORY))
+        for session in sessions:
+            pattern = session.subscriptions.get(topic)
+            if pattern is not None:
+                self._drop_subscription(session, pattern)
+            self._send_one(session, frame)
+        self._feeds.pop(topic, None)
+
+    # -- revocation -------------------------------------------------------
 
     def disconnect_user(self, user: str) -> Deferred[None]:
         """Close every session of ``user`` on every node (revocation)."""

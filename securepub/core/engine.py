@@ -1,35 +1,68 @@
-"""How a validated message travels to every node's subscribers: the fan-out engine."""
+"""What the broker needs from a cluster engine, and what an engine hands back to it.
+
+An engine (embedded or Redis, see ``securepub.engines``) carries publications
+between the nodes of a cluster and keeps the history of the topics that have
+some. The broker validates and numbers a message once, hands it to the
+engine, and the engine brings it back to `IReceiver.deliver` on every node
+(this one included), where the broker picks the sessions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zope.interface import Interface
 
+from securepub.core.history import HistoryPage, HistoryPolicy, Position, Publication
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-#: ``deliver(topic, message_id, ts, body)``: hands a message to this node's sessions.
-Deliver = Callable[[str, str, float, str], object]
-#: ``disconnect(user)``: closes that user's sessions on this node.
-Disconnect = Callable[[str], object]
+
+class IReceiver(Interface):
+    """The node's side of an engine: where arriving publications and controls go."""
+
+    def deliver(publication: Publication) -> object:
+        """Hand a publication to this node's sessions."""
+
+    def disconnect_local(user: str) -> int:
+        """Close this node's sessions of ``user``; returns how many."""
+
+    def resync() -> None:
+        """The engine's link came back: live messages may have been missed meanwhile."""
 
 
 class IFanout(Interface):
-    """Carries messages between the nodes of a cluster (or within one node).
+    """Carries publications to every node's `IReceiver`."""
 
-    The broker validates and numbers a message once, then hands it here;
-    the engine brings it back to ``deliver`` on every node, this one
-    included, where the broker's subscription index picks the sessions.
-    """
+    def start(receiver: IReceiver) -> None:
+        """Remember where arriving publications go (once, by the broker)."""
 
-    def start(deliver: Deliver, disconnect: Disconnect) -> None:
-        """Remember where arriving messages and disconnections go (once, by the broker)."""
+    def publish(
+        publication: Publication, history: HistoryPolicy | None
+    ) -> Deferred[Position | None]:
+        """Send a publication; with ``history``, also append it to the topic's history.
 
-    def publish(topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
-        """Send a message; errbacks with ``RequestError("unavailable", ...)``
-        when the engine cannot take it (nothing was published then)."""
+        Fires with the position the message took (None without history), or
+        errbacks with ``RequestError("unavailable", ...)`` when the engine
+        cannot take it (nothing was published then). On a topic with
+        history, assigning the offset, storing the message and fanning it out
+        happen as one step, so no node sees a gap or a duplicate offset.
+        """
 
     def disconnect(user: str, message_id: str, ts: float) -> Deferred[None]:
         """Close ``user``'s sessions on every node; errbacks like `publish`."""
+
+
+class IHistory(Interface):
+    """Reads the history of topics that keep one."""
+
+    def position(topic: str, history: HistoryPolicy) -> Deferred[Position]:
+        """The topic's current position (offset 0 and a fresh epoch if it has none)."""
+
+    def read(topic: str, history: HistoryPolicy, since: int, limit: int) -> Deferred[HistoryPage]:
+        """The position and up to ``limit`` publications after offset ``since``, in order.
+
+        Messages older than the policy's age limit are left out. Errbacks
+        with ``RequestError("unavailable", ...)`` when the engine cannot answer.
+        """

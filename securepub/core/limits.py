@@ -16,6 +16,8 @@ class Limits:
     max_publish_rate: float = 50.0
     max_errors: int = 50
     max_queued_bytes: int = 1024 * 1024
+    #: What the embedded engine may hold in history, all topics together.
+    max_history_bytes: int = 256 * 1024 * 1024
 
     @property
     def max_frame_bytes(self) -> int:

@@ -410,6 +410,11 @@ class SubscriptionIndex(Generic[K]):
         for pattern in patterns:
             self.remove(pattern, key)
 
+    def exact(self, topic: str) -> frozenset[K]:
+        """The keys subscribed to ``topic`` itself (not through a wildcard pattern)."""
+        bucket = self._literal.get(topic)
+        return bucket.frozen() if bucket is not None else frozenset()
+
     def match(self, topic: str) -> frozenset[K]:
         """Every key with at least one pattern matching ``topic`` (assumed valid), once each.
 

@@ -14,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema_specifications import REGISTRY as METASCHEMAS  # type: ignore[import-untyped]
 
 from securepub.core.errors import ConfigError, RequestError
+from securepub.core.history import HistoryPolicy
 from securepub.core.jsonstrict import depth, dumps
 from securepub.core.topics import Pattern
 
@@ -33,6 +34,8 @@ class TopicRule:
     schema: Mapping[str, Any] | None = field(default=None, hash=False)
     client_publish: bool = False
     schema_source: str | None = None  # where the schema came from, for messages
+    #: How much history each matching topic keeps (None: none, the default).
+    history: HistoryPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,8 @@ class Metrics:
         self.messages_out = 0  # copies handed to this node's sessions
         #: messages the node's Redis links delivered to it (routing efficiency)
         self.cluster_messages_received = 0
+        #: subscriptions asking for ``since``, by outcome (recovered, not_recovered)
+        self.recoveries: Counter[str] = Counter()
         self._gauges: list[_Gauge] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -151,6 +153,14 @@ class _Collector(Collector):
         yield CounterMetricFamily(
             "securepub_messages_out", "Message copies sent to sessions.", value=m.messages_out
         )
+        recoveries = CounterMetricFamily(
+            "securepub_recoveries",
+            "Subscriptions that asked to resume since an offset, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome in ("recovered", "not_recovered"):
+            recoveries.add_metric([outcome], m.recoveries[outcome])
+        yield recoveries
         yield CounterMetricFamily(
             "securepub_cluster_messages_received",
             "Messages this node's Redis links delivered to it.",

@@ -13,11 +13,13 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securepub.broker.broker import Broker
+from securepub.broker.broker import Broker, Published
+from securepub.broker.frames import history_frames
 from securepub.core import jsonstrict
 from securepub.core.apikeys import ApiKeys, Scopes
 from securepub.core.clientip import ProxyPolicy
 from securepub.core.errors import RequestError
+from securepub.core.history import MAX_OFFSET, HistoryPage
 from securepub.core.ratelimit import TokenBucket
 from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, normalize_ip
 from securepub.core.topics import covered_by_any, parse_patterns, validate_topic
@@ -373,7 +375,84 @@ class PublishResource(BackendResource):
                 _refused(request, client_ip(request), "publish", topic)
                 raise RequestError("forbidden", f"this API key may not publish on {topic}")
         d = self._broker.publish(body["topic"], body["data"])
-        return d.addCallback(lambda message_id: respond(request, 202, {"id": message_id}))
+        return d.addCallback(lambda published: respond(request, 202, _published(published)))
+
+
+def _published(published: Published) -> dict[str, Any]:
+    """``{"id": ...}``, with ``offset`` and ``epoch`` on a topic with history."""
+    answer: dict[str, Any] = {"id": published.id}
+    if published.position is not None:
+        answer["offset"] = published.position.offset
+        answer["epoch"] = published.position.epoch
+    return answer
+
+
+MAX_HISTORY_LIMIT, DEFAULT_HISTORY_LIMIT = 1000, 100
+_HISTORY_PARAMETERS = frozenset({b"topic", b"since", b"limit"})
+
+
+def _query(request: Request) -> dict[bytes, bytes]:
+    """The query string's parameters, each at most once, none unknown."""
+    args: dict[bytes, list[bytes]] = request.args or {}
+    for name, values in args.items():
+        if name not in _HISTORY_PARAMETERS:
+            raise RequestError("bad_request", f"unknown parameter {name[:40].decode('latin-1')!r}")
+        if len(values) != 1:
+            raise RequestError("bad_request", f"parameter {name.decode()!r} given more than once")
+    return {name: values[0] for name, values in args.items()}
+
+
+def _bounded(value: bytes | None, name: str, low: int, high: int, default: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or len(value) > 16 or not low <= int(value) <= high:
+        raise RequestError("bad_request", f"'{name}' must be an integer from {low} to {high}")
+    return int(value)
+
+
+class HistoryResource(BackendResource):
+    """``GET /v1/history?topic=T&since=OFFSET&limit=N``: a topic's history, for backends.
+
+    The messages are the frames subscribers got, spliced in as they are.
+    A key limited to publish scopes may read only the topics it may publish on.
+    """
+
+    allowed_methods = (b"GET",)
+
+    def __init__(self, api_keys: ApiKeys, clock: IReactorTime, broker: Broker) -> None:
+        super().__init__(api_keys, clock)
+        self._broker = broker
+
+    def render_GET(self, request: Request) -> bytes | int:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            query = _query(request)
+            raw_topic = query.get(b"topic")
+            if raw_topic is None:
+                raise RequestError("bad_request", "missing parameter 'topic'")
+            topic = validate_topic(raw_topic.decode("ascii", "replace"))
+            since = _bounded(query.get(b"since"), "since", 0, MAX_OFFSET, 0)
+            limit = _bounded(
+                query.get(b"limit"), "limit", 1, MAX_HISTORY_LIMIT, DEFAULT_HISTORY_LIMIT
+            )
+            scopes = scopes_of(request)
+            if scopes is not None and not any(p.matches(topic) for p in scopes):
+                _refused(request, client_ip(request), "read history of", topic)
+                raise RequestError("forbidden", f"this API key may not read {topic}")
+            d = self._broker.read_history(topic, since, limit)
+        except RequestError as e:
+            return error_body(request, e.code, e.message)
+        body: Deferred[bytes] = d.addCallback(self._page, request)
+        body.addCallback(self._finish, request)
+        body.addErrback(self._fail, request)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _page(page: HistoryPage, request: Request) -> bytes:
+        head = respond(request, 200, {"offset": page.position.offset, "epoch": page.position.epoch})
+        return head[:-1] + b',"messages":[' + b",".join(history_frames(page)) + b"]}"
 
 
 class MetricsResource(BackendResource):

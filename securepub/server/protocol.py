@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, NoReturn, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -14,10 +15,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from securepub.broker.broker import Broker, Grants, ISubscriber, Session
+from securepub.broker.broker import Broker
+from securepub.broker.sessions import Grants, ISubscriber, Session
 from securepub.core import jsonstrict
 from securepub.core.clientip import ProxyPolicy
 from securepub.core.errors import RequestError
+from securepub.core.history import MAX_OFFSET, Position, Subscribed
 from securepub.core.limits import Limits
 from securepub.core.origin import OriginPolicy
 from securepub.core.ratelimit import ConnectionCounter
@@ -41,11 +44,14 @@ CLOSE_REVOKED = 4001
 MAX_INT_ID = 2**53 - 1
 MAX_STR_ID = 64
 
-_FIELDS = {
-    "subscribe": frozenset({"op", "id", "topic"}),
-    "unsubscribe": frozenset({"op", "id", "topic"}),
-    "publish": frozenset({"op", "id", "topic", "data"}),
+#: Each op's required fields, and the optional ones it also takes.
+_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "subscribe": (frozenset({"op", "id", "topic"}), frozenset({"since"})),
+    "unsubscribe": (frozenset({"op", "id", "topic"}), frozenset()),
+    "publish": (frozenset({"op", "id", "topic", "data"}), frozenset()),
 }
+#: Longest epoch a client may send back (the server's own are 16 characters).
+MAX_EPOCH_CHARS = 64
 
 #: Status lines of refused handshakes: generic on purpose, the log says why.
 _REASON_PHRASES = {
@@ -79,16 +85,42 @@ def _op(message: dict[str, Any]) -> str:
     fields = _FIELDS.get(op) if isinstance(op, str) else None
     if fields is None:
         raise RequestError("bad_request", "unknown or missing 'op'")
-    extra = message.keys() - fields
+    required, optional = fields
+    extra = message.keys() - required - optional
     if extra:
         raise RequestError("bad_request", f"unknown field {sorted(extra)[0][:40]!r}")
-    missing = fields - message.keys()
+    missing = required - message.keys()
     if missing:
         raise RequestError("bad_request", f"missing field {sorted(missing)[0]!r}")
-    if not isinstance(message["topic"], str):
+    if "topic" in required and not isinstance(message["topic"], str):
         raise RequestError("bad_request", "'topic' must be a string")
     assert isinstance(op, str)
     return op
+
+
+def _since(value: Any) -> Position:
+    """A subscribe's ``since``: ``{"offset": N, "epoch": "E"}`` and nothing else."""
+    if not isinstance(value, dict) or value.keys() != {"offset", "epoch"}:
+        raise RequestError("bad_request", '\'since\' must be {"offset": N, "epoch": "E"}')
+    offset, epoch = value["offset"], value["epoch"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise RequestError("bad_request", "'since.offset' must be an integer from 0 to 2**53-1")
+    if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS:
+        raise RequestError(
+            "bad_request", f"'since.epoch' must be a string of at most {MAX_EPOCH_CHARS} characters"
+        )
+    return Position(offset, epoch)
+
+
+def _ok(message_id: int | str, subscribed: Subscribed) -> dict[str, Any]:
+    """The ``ok`` of a subscribe, with the position of a history topic (SPEC section 8)."""
+    frame: dict[str, Any] = {"op": "ok", "id": message_id}
+    if subscribed.recovered is not None:
+        frame["recovered"] = subscribed.recovered
+    if subscribed.position is not None:
+        frame["offset"] = subscribed.position.offset
+        frame["epoch"] = subscribed.position.epoch
+    return frame
 
 
 def _peer_ip(transport: Any) -> str:
@@ -238,33 +270,45 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             message = jsonstrict.loads(payload)
             message_id = _message_id(message)
             op = _op(message)
-            broker = self.factory.broker
-            if op == "subscribe":
-                broker.subscribe(session, message["topic"])
-            elif op == "unsubscribe":
-                broker.unsubscribe(session, message["topic"])
-            else:
-                d = broker.client_publish(session, message["topic"], message["data"])
-                d.addCallback(self._published, message_id)
-                d.addErrback(self._not_published, message_id)
-                return
+            handler: Callable[[Session, dict[str, Any], int | str], Deferred[Any] | None]
+            handler = getattr(self, "_handle_" + op)
+            d = handler(session, message, message_id)
+            if d is not None:
+                d.addErrback(self._not_done, message_id)
         except RequestError as e:
             self._error(message_id, e.code, e.message)
         except Exception:  # noqa: BLE001 - a bug must cost one reply, not the connection
             self._log.failure("frame handling failed session={session}", session=session.id)
             self._error(message_id, "unavailable", "internal error; nothing was done")
-        else:
-            self._send_json({"op": "ok", "id": message_id})
 
-    def _published(self, _: str, message_id: int | str) -> None:
+    def _handle_subscribe(
+        self, session: Session, message: dict[str, Any], message_id: int | str
+    ) -> Deferred[Any]:
+        since = _since(message["since"]) if "since" in message else None
+
+        def confirm(subscribed: Subscribed) -> None:
+            self._send_json(_ok(message_id, subscribed))
+
+        return self.factory.broker.subscribe(session, message["topic"], since, confirm)
+
+    def _handle_unsubscribe(
+        self, session: Session, message: dict[str, Any], message_id: int | str
+    ) -> None:
+        self.factory.broker.unsubscribe(session, message["topic"])
         self._send_json({"op": "ok", "id": message_id})
 
-    def _not_published(self, failure: Failure, message_id: int | str) -> None:
+    def _handle_publish(
+        self, session: Session, message: dict[str, Any], message_id: int | str
+    ) -> Deferred[Any]:
+        d = self.factory.broker.client_publish(session, message["topic"], message["data"])
+        return d.addCallback(lambda _: self._send_json({"op": "ok", "id": message_id}))
+
+    def _not_done(self, failure: Failure, message_id: int | str) -> None:
         if isinstance(failure.value, RequestError):
             self._error(message_id, failure.value.code, failure.value.message)
             return
-        self._log.failure("publish failed", failure)
-        self._error(message_id, "unavailable", "internal error; nothing was published")
+        self._log.failure("request failed", failure)
+        self._error(message_id, "unavailable", "internal error; nothing was done")
 
     def _error(self, message_id: int | str | None, code: str, message: str) -> None:
         self._send_json({"op": "error", "id": message_id, "code": code, "message": message})

@@ -65,9 +65,9 @@ class NodeService(MultiService):
         super().__init__()
         self.node = node
         self.drain_timeout = drain_timeout
-        self.links = node.services()
-        for link in self.links:
-            link.setServiceParent(self)
+        self.helpers = node.services()
+        for helper in self.helpers:
+            helper.setServiceParent(self)
         self.listener = Listener(node)
         self.listener.setServiceParent(self)
 
@@ -105,6 +105,6 @@ class NodeService(MultiService):
                 sessions=sessions,
                 seconds=node.reactor.seconds() - started,
             )
-            return DeferredList([maybeDeferred(link.stopService) for link in self.links])
+            return DeferredList([maybeDeferred(helper.stopService) for helper in self.helpers])
 
         return d.addCallback(drained)

@@ -13,6 +13,14 @@ from securepub.core import jsonstrict
 from securepub.core.apikeys import ApiKeys, load_api_keys
 from securepub.core.clientip import ProxyPolicy
 from securepub.core.errors import ConfigError, RequestError
+from securepub.core.history import (
+    DEFAULT_HISTORY_TTL,
+    HISTORY_ENTRY_OVERHEAD,
+    MAX_HISTORY_SIZE,
+    MAX_HISTORY_TTL,
+    MIN_HISTORY_TTL,
+    HistoryPolicy,
+)
 from securepub.core.limits import Limits
 from securepub.core.topics import Pattern
 from securepub.core.validation import TopicRule
@@ -43,7 +51,7 @@ _TOP_KEYS = frozenset(_OPTION_KEYS) | {
     "trusted_proxies",
     "reuse_port",
 }
-_TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish"})
+_TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish", "history_size", "history_ttl"})
 _PATH_KEYS = (
     "cert",
     "key",
@@ -64,6 +72,7 @@ _LIMIT_SPECS: tuple[tuple[str, type, float, float], ...] = (
     ("max_publish_rate", float, 0.001, 1_000_000),
     ("max_errors", int, 1, 1_000_000),
     ("max_queued_bytes", int, 64 * 1024, 1024 * 1024 * 1024),
+    ("max_history_bytes", int, 1024 * 1024, 64 * 1024 * 1024 * 1024),
 )
 
 
@@ -200,9 +209,46 @@ def _topic_rules(items: object, base: str) -> tuple[TopicRule, ...]:
                 schema=schema,
                 client_publish=client_publish,
                 schema_source=source,
+                history=_history(item, where),
             )
         )
     return tuple(rules)
+
+
+def _history(item: Mapping[str, Any], where: str) -> HistoryPolicy | None:
+    """A rule's ``history_size`` and ``history_ttl`` (SPEC section 8); None keeps none."""
+    size = _as_int(f"{where}.history_size", item.get("history_size", 0), 0, MAX_HISTORY_SIZE)
+    ttl = _as_int(
+        f"{where}.history_ttl",
+        item.get("history_ttl", DEFAULT_HISTORY_TTL),
+        MIN_HISTORY_TTL,
+        MAX_HISTORY_TTL,
+    )
+    if not size:
+        if "history_ttl" in item:
+            raise ConfigError(f"{where}.history_ttl: only used together with history_size")
+        return None
+    return HistoryPolicy(size=size, ttl=ttl)
+
+
+def _check_history_bound(rules: Sequence[TopicRule], limits: Limits) -> None:
+    """One topic's fullest history must fit the embedded engine's memory bound.
+
+    The engine evicts whole topics (oldest first) to stay under
+    ``max_history_bytes``; a rule whose single topic could outgrow the
+    bound would evict everything else and still not fit, so it is refused.
+    """
+    for index, rule in enumerate(rules):
+        if rule.history is None:
+            continue
+        worst = rule.history.size * (limits.max_message_bytes + HISTORY_ENTRY_OVERHEAD)
+        if worst > limits.max_history_bytes:
+            raise ConfigError(
+                f"topics[{index}].history_size: {rule.history.size} messages of up to "
+                f"{limits.max_message_bytes} bytes could take {worst} bytes, over "
+                f"limits.max_history_bytes ({limits.max_history_bytes}); lower one or "
+                "raise the bound"
+            )
 
 
 def _load_schema(path: str, key: str) -> Mapping[str, Any]:
@@ -297,6 +343,8 @@ def load_settings(
         origins += (f"https://localhost:{port}", f"https://127.0.0.1:{port}")
     limits = _limits(merged.get("limits", {}))
     topics = _topic_rules(merged.get("topics", []), base)
+    if redis is None:
+        _check_history_bound(topics, limits)
     if dev:
         # The demo page publishes on demo.> (after the configured rules, which win).
         topics = with_demo_rule(topics)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
+import secrets
+from collections.abc import Callable
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -11,41 +13,58 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securepub.core import jsonstrict
-from securepub.core.engine import Deliver, Disconnect, IFanout
+from securepub.core.engine import IFanout, IReceiver
 from securepub.core.errors import RequestError
+from securepub.core.history import HistoryPolicy, Position, Publication
 from securepub.core.tickets import SecondsClock
-from securepub.core.topics import validate_topic
-from securepub.engines.redis.link import IRedisLink, RedisUnavailable
-from securepub.engines.redis.signing import ClusterSigner
+from securepub.engines.redis.codec import (
+    DISCONNECT,
+    MESSAGE_ID,
+    Codec,
+    Malformed,
+    split_history_prefix,
+)
+from securepub.engines.redis.keys import checked_position, history_keys, meta_ttl
+from securepub.engines.redis.link import IRedisLink, RedisUnavailable, Script
 
 _log = Logger()
 
 #: The one channel a cluster's nodes publish to and subscribe to.
-CHANNEL = "securepub:messages"
-#: First line of every message on the channel: the format's version, which
-#: says whether a signature line follows.
-UNSIGNED = "1"
-SIGNED = "2"
+CHANNEL: Final = "securepub:messages"
 #: Signed messages older or newer than this (seconds) are dropped as replays.
-MAX_CLOCK_SKEW = 60.0
-#: The "topic" of a control message closing a user's sessions on every node;
-#: no real topic can take this name (``!`` is outside the topic grammar).
-DISCONNECT = "!disconnect"
+MAX_CLOCK_SKEW: Final = 60.0
 #: Origin nodes remembered for replay checks before the table starts over.
-MAX_TRACKED_NODES = 10_000
+MAX_TRACKED_NODES: Final = 10_000
 
-_MESSAGE_ID = re.compile(r"([A-Za-z0-9_]{1,32})-([0-9]{1,20})")
+#: Number, store and fan out a message of a history topic in one step, so two
+#: nodes publishing to one topic can never produce a gap, a duplicate offset,
+#: or a message in history that was never published (or the reverse).
+#: KEYS: stream, meta. ARGV: channel, message, size, ttl, fresh epoch, meta ttl.
+PUBLISH_SCRIPT: Final = Script("""
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+local id = offset .. '-1'
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], id, 'm', ARGV[2])
+if type(added) == 'table' and added.err then
+  -- Only a stream newer than its meta gets here (e.g. the meta alone was evicted).
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], id, 'm', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[1], 'H ' .. offset .. ' ' .. epoch .. '\\n' .. ARGV[2])
+return {offset, epoch}
+""")
 
 
-def encode(
-    topic: str, message_id: str, ts: float, body: str, signer: ClusterSigner | None = None
-) -> str:
-    """One message as it travels through Redis: a version line, then a
-    signature line if signed, then topic, id, timestamp and the body last."""
-    text = f"{topic}\n{message_id}\n{ts!r}\n{body}"
-    if signer is None:
-        return f"{UNSIGNED}\n{text}"
-    return f"{SIGNED}\n{signer.sign(text)}\n{text}"
+def new_epoch() -> str:
+    """64 random bits as hex: a topic's epoch if Redis holds none for it."""
+    return secrets.token_hex(8)
 
 
 @implementer(IFanout)
@@ -58,117 +77,121 @@ class RedisFanout:
     channel. The price is that a node also receives the messages none of
     its sessions want, which its subscription index drops in microseconds.
 
-    What arrives from Redis is not trusted: anyone who can write to Redis
-    can publish on the channel, so every field is checked again before it
-    reaches a browser, and anything malformed is dropped and logged. With a
-    cluster secret, messages are signed (HMAC-SHA256) and only correctly
-    signed ones are accepted; a replay is refused because each node's
-    message numbers only grow and timestamps must be within
-    `MAX_CLOCK_SKEW` of this node's clock.
+    What arrives from Redis is not trusted (see `Codec`). With a cluster
+    secret, a replay is refused too, because each node's message numbers
+    only grow and timestamps must be within `MAX_CLOCK_SKEW` of this
+    node's clock. The offset and epoch line of a history topic's message is
+    written by Redis itself (the publish script), so it is checked for shape,
+    not signed.
     """
 
     def __init__(
         self,
         commands: IRedisLink,
-        max_body_bytes: int,
+        codec: Codec,
         clock: SecondsClock,
-        signer: ClusterSigner | None = None,
+        epochs: Callable[[], str] = new_epoch,
     ) -> None:
         self._commands = commands
-        self._max_body_bytes = max_body_bytes
+        self._codec = codec
         self._clock = clock
-        self._signer = signer
-        self._deliver: Deliver | None = None
-        self._disconnect: Disconnect | None = None
+        self._epochs = epochs
+        self._receiver: IReceiver | None = None
         #: origin node -> highest message number seen from it (signed traffic)
         self._last_seen: dict[str, int] = {}
 
-    def start(self, deliver: Deliver, disconnect: Disconnect) -> None:
-        self._deliver = deliver
-        self._disconnect = disconnect
+    def start(self, receiver: IReceiver) -> None:
+        self._receiver = receiver
 
-    def publish(self, topic: str, message_id: str, ts: float, body: str) -> Deferred[None]:
-        message = encode(topic, message_id, ts, body, self._signer)
+    def publish(
+        self, publication: Publication, history: HistoryPolicy | None
+    ) -> Deferred[Position | None]:
+        p = publication
+        message = self._codec.encode(p.topic, p.id, p.ts, p.body)
+        if history is None:
+            d = self._commands.execute("PUBLISH", CHANNEL, message)
+            return d.addCallbacks(lambda _: None, _unavailable)
+        stream, meta = history_keys(p.topic)
+        d = PUBLISH_SCRIPT.run(
+            self._commands,
+            (stream, meta),
+            (
+                CHANNEL,
+                message,
+                history.size,
+                math.ceil(history.ttl),
+                self._epochs(),
+                meta_ttl(history),
+            ),
+        )
+        return d.addCallbacks(_position, _unavailable)
+
+    def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
+        message = self._codec.encode(DISCONNECT, message_id, ts, jsonstrict.dumps(user))
         d = self._commands.execute("PUBLISH", CHANNEL, message)
         return d.addCallbacks(lambda _: None, _unavailable)
 
-    def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
-        return self.publish(DISCONNECT, message_id, ts, jsonstrict.dumps(user))
+    def connected(self) -> None:
+        """The subscribed link is (back) up: messages sent meanwhile were not heard."""
+        if self._receiver is not None:
+            self._receiver.resync()
 
     def received(self, channel: str, message: str) -> None:
         """A message from the subscribed link; check it, then deliver it here."""
-        if channel != CHANNEL or self._deliver is None or self._disconnect is None:
+        receiver = self._receiver
+        if channel != CHANNEL or receiver is None:
             return
-        version, _, rest = message.partition("\n") if isinstance(message, str) else ("", "", "")
-        problem = None
-        if self._signer is not None:
-            signature, _, rest = rest.partition("\n")
-            if version != SIGNED:
-                problem = "unsigned"
-            elif not self._signer.verify(rest, signature):
-                problem = "bad signature"
-        elif version != UNSIGNED:
-            problem = "signed, but this node has no cluster secret"
-        parts = rest.split("\n", 3)
-        if problem is None and len(parts) != 4:
-            problem = "not in the expected format"
-        if problem is None:
-            topic, message_id, ts_text, body = parts
-            problem = self._check(topic, message_id, ts_text, body)
-        if problem is not None:
+        try:
+            offset, epoch, rest = split_history_prefix(message)
+            publication = self._codec.decode(rest, controls=True)
+            if self._codec.signer is not None:
+                self._check_fresh(publication)
+        except Malformed as problem:
             _log.warn(
                 "dropped a malformed message from redis: {problem}",
-                problem=problem,
+                problem=str(problem),
                 securepub_event="cluster_message_dropped",
             )
             return
-        if topic == DISCONNECT:
-            user = jsonstrict.loads(body)
+        if publication.topic == DISCONNECT:
+            user = jsonstrict.loads(publication.body)
             if isinstance(user, str):
-                self._disconnect(user)
+                receiver.disconnect_local(user)
             return
-        self._deliver(topic, message_id, float(ts_text), body)
+        if offset is not None:
+            publication = Publication(
+                publication.topic,
+                publication.id,
+                publication.ts,
+                publication.body,
+                offset,
+                epoch,
+            )
+        receiver.deliver(publication)
 
-    def _check(self, topic: str, message_id: str, ts_text: str, body: str) -> str | None:
-        try:
-            if topic != DISCONNECT:
-                validate_topic(topic)
-        except RequestError:
-            return "bad topic"
-        match = _MESSAGE_ID.fullmatch(message_id)
-        if match is None:
-            return "bad message id"
-        try:
-            ts = float(ts_text)
-        except ValueError:
-            return "bad timestamp"
-        if not math.isfinite(ts):
-            return "bad timestamp"
-        if self._signer is not None:
-            problem = self._replayed(match.group(1), int(match.group(2)), ts)
-            if problem is not None:
-                return problem
-        if len(body) > self._max_body_bytes:
-            return "body over the size limit"
-        try:
-            jsonstrict.loads(body)
-        except RequestError:
-            return "body is not strict JSON"
-        return None
-
-    def _replayed(self, node: str, number: int, ts: float) -> str | None:
+    def _check_fresh(self, publication: Publication) -> None:
         """Signed messages from one node arrive in order: numbers must grow."""
-        if abs(self._clock.seconds() - ts) > MAX_CLOCK_SKEW:
-            return "timestamp out of the accepted window (replay or clock skew)"
+        if abs(self._clock.seconds() - publication.ts) > MAX_CLOCK_SKEW:
+            raise Malformed("timestamp out of the accepted window (replay or clock skew)")
+        match = MESSAGE_ID.fullmatch(publication.id)
+        assert match is not None  # checked by the codec
+        node, number = match.group(1), int(match.group(2))
         if number <= self._last_seen.get(node, 0):
-            return "replayed message"
+            raise Malformed("replayed message")
         if node not in self._last_seen and len(self._last_seen) >= MAX_TRACKED_NODES:
             self._last_seen.clear()
         self._last_seen[node] = number
-        return None
+
+
+def _position(reply: Any) -> Position:
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise RequestError("unavailable", "unexpected reply from the cluster engine")
+    return checked_position(reply[0], reply[1])
 
 
 def _unavailable(failure: Failure) -> Failure:
+    if failure.check(RequestError):
+        return failure
     if not failure.check(RedisUnavailable):
         _log.failure("publishing to redis failed", failure)
     return Failure(

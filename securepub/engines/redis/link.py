@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -117,6 +118,27 @@ class IRedisLink(Interface):
         """Whether commands can be sent now."""
 
 
+class Script:
+    """A Lua script, run by its SHA-1 (EVALSHA), sent whole only when Redis lacks it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()  # noqa: S324 - Redis's name
+
+    def run(self, link: IRedisLink, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
+        """Run on ``link``; a Redis that restarted (NOSCRIPT) gets the source once more."""
+        d = link.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+        def again(failure: Failure) -> Any:
+            if failure.check(txredisapi.ResponseError) and str(failure.value).startswith(
+                "NOSCRIPT"
+            ):
+                return link.execute("EVAL", self.source, len(keys), *keys, *args)
+            return failure
+
+        return d.addErrback(again)
+
+
 def _backoff(attempt: int) -> float:
     """0.5 s doubling to 10 s, with jitter so nodes do not reconnect in step."""
     delay = min(0.5 * math.pow(2, min(attempt, 10)), 10.0)
@@ -186,7 +208,9 @@ class RedisLink(Service):
         channel: str | None = None,
         on_message: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
+        self._on_connected = on_connected
         self._reactor = reactor
         self._metrics = metrics if metrics is not None else Metrics()
         self.target = target
@@ -260,6 +284,8 @@ class RedisLink(Service):
                 target=self.target.display(),
                 securepub_event="redis_connected",
             )
+            if self._on_connected is not None:
+                self._on_connected()
 
         done: Deferred[None] = Deferred()
 
