@@ -232,6 +232,7 @@ def test_the_demo_rule_opens_demo_topics_after_configured_rules() -> None:
     """--dev's extra rule lets browsers publish on demo.>, but configured rules still win."""
     rule = demo_topic_rule()
     assert rule.pattern.text == DEMO_PATTERN and rule.client_publish and rule.schema is None
+    assert rule.history is not None and rule.history.size == 100
     closed = TopicRule(pattern=Pattern.parse("demo.closed"), client_publish=False)
     rules = with_demo_rule((closed,))
     assert rules == (closed, rule)

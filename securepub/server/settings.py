@@ -104,14 +104,20 @@ class Settings:
 
 
 DEMO_PATTERN: Final = "demo.>"
+DEMO_HISTORY_SIZE: Final = 100
 
 
 def demo_topic_rule() -> TopicRule:
     """The ``[[topics]]`` rule --dev adds so the demo page's publish form can work.
 
-    Equivalent to ``pattern = "demo.>"``, ``client_publish = true``, no schema.
+    Equivalent to ``pattern = "demo.>"``, ``client_publish = true``, no schema,
+    ``history_size = 100`` (so the quick tour can show a recovery).
     """
-    return TopicRule(pattern=Pattern.parse(DEMO_PATTERN), client_publish=True)
+    return TopicRule(
+        pattern=Pattern.parse(DEMO_PATTERN),
+        client_publish=True,
+        history=HistoryPolicy(size=DEMO_HISTORY_SIZE),
+    )
 
 
 def with_demo_rule(rules: Sequence[TopicRule]) -> tuple[TopicRule, ...]:
