@@ -13,19 +13,22 @@ from twisted.web.resource import IResource
 
 from securepub.broker.broker import Broker
 from securepub.core.apikeys import load_api_keys
-from securepub.core.engine import IFanout, IHistory
+from securepub.core.engine import IFanout, IHistory, IPresence
 from securepub.core.errors import ConfigError
+from securepub.core.ids import MessageIds
 from securepub.core.origin import OriginPolicy
 from securepub.core.tickets import ITicketStore
 from securepub.core.validation import PayloadValidator
 from securepub.dev.pages import dev_routes
 from securepub.engines.memory.fanout import LocalFanout
 from securepub.engines.memory.history import HistorySweeper, MemoryHistory
+from securepub.engines.memory.presence import MemoryPresence
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.engines.redis.codec import Codec
 from securepub.engines.redis.fanout import CHANNEL, RedisFanout
 from securepub.engines.redis.history import RedisHistory
 from securepub.engines.redis.link import RedisLink
+from securepub.engines.redis.presence import PresenceKeeper, RedisPresence
 from securepub.engines.redis.tickets import RedisTicketStore
 from securepub.ops.metrics import Metrics
 from securepub.server.api import (
@@ -33,6 +36,7 @@ from securepub.server.api import (
     Health,
     HistoryResource,
     MetricsResource,
+    PresenceResource,
     PublishResource,
     TicketsResource,
 )
@@ -70,18 +74,28 @@ class Node:
         self.metrics = Metrics()
         self.redis_links: list[RedisLink] = []
         self.history_memory: MemoryHistory | None = None
+        self.redis_presence: RedisPresence | None = None
         self._services: list[Service] = []
+        self.ids = MessageIds()
         fanout: IFanout
         history: IHistory
+        presence: IPresence
         if settings.redis is None:
             self.tickets: ITicketStore = MemoryTicketStore(reactor)
             self.history_memory = MemoryHistory(reactor, limits.max_history_bytes)
             history = self.history_memory
             fanout = LocalFanout(self.history_memory)
             self._services.append(HistorySweeper(self.history_memory, reactor))
+            presence = MemoryPresence()
         else:
-            commands = RedisLink(reactor, settings.redis, "commands", metrics=self.metrics)
             codec = Codec(limits.max_frame_bytes, settings.cluster_signer)
+            commands = RedisLink(
+                reactor,
+                settings.redis,
+                "commands",
+                metrics=self.metrics,
+                on_connected=lambda: self._commands_connected(),
+            )
             redis_fanout = RedisFanout(commands, codec, reactor)
             messages = RedisLink(
                 reactor,
@@ -97,6 +111,11 @@ class Node:
             self.tickets = RedisTicketStore(commands, reactor)
             history = RedisHistory(commands, codec, reactor)
             fanout = redis_fanout
+            self.redis_presence = RedisPresence(
+                commands, codec, reactor, self.ids, self.validator.announces_join_leave
+            )
+            presence = self.redis_presence
+            self._services.append(PresenceKeeper(self.redis_presence, reactor))
         # The broker frames messages with the factory's prepareMessage (looked
         # up at call time, see _prepare), so it can be built first.
         self.broker = Broker(
@@ -106,6 +125,8 @@ class Node:
             prepare=self._prepare,
             fanout=fanout,
             history=history,
+            presence=presence,
+            ids=self.ids,
             metrics=self.metrics,
         )
         self.factory = SecurePubFactory(
@@ -121,9 +142,10 @@ class Node:
         routes = {
             b"ws": WebSocketOnly(WebSocketResource(self.factory)),
             b"healthz": Health(self.health_problem),
-            b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets),
+            b"v1/tickets": TicketsResource(settings.api_keys, reactor, self.tickets, limits),
             b"v1/publish": PublishResource(settings.api_keys, reactor, self.broker),
             b"v1/history": HistoryResource(settings.api_keys, reactor, self.broker),
+            b"v1/presence": PresenceResource(settings.api_keys, reactor, self.broker),
             b"metrics": MetricsResource(settings.api_keys, reactor, self.metrics.render),
             b"v1/disconnect": DisconnectResource(
                 settings.api_keys, reactor, self.broker, self.tickets
@@ -145,6 +167,11 @@ class Node:
             # Content-Type parsing alone was 22% of issuing a ticket (bench/).
             parsePOSTFormSubmission=False,
         )
+
+    def _commands_connected(self) -> None:
+        """The commands link is (back) up: write this node's presence back to Redis."""
+        if self.redis_presence is not None:
+            self.redis_presence.restore()
 
     def services(self) -> list[Service]:
         """Services to run beside the listener: the Redis links, or the history sweeper."""

@@ -171,6 +171,13 @@ class ApiTests(SynchronousTestCase):
         ticket = self.store.redeem(body["ticket"], "198.51.100.1").result
         self.assertEqual((ticket.subscribe, ticket.publish, ticket.client_ip), ((), (), None))
         self.assertEqual(ticket.expires_at, 1_000_030.0)
+        self.assertEqual(ticket.session_ttl, 3600)
+
+    def test_session_ttl(self) -> None:
+        """session_ttl is kept with the ticket, from 60 s to max_session_seconds."""
+        for asked in (60, 3600):
+            body = self.request("POST", "/v1/tickets", {"user": "b", "session_ttl": asked}).json()
+            self.assertEqual(self.store.redeem(body["ticket"], "x").result.session_ttl, asked)
 
     def test_bad_ticket_requests(self) -> None:
         """Every malformed ticket request is 400 with the right code."""
@@ -185,6 +192,10 @@ class ApiTests(SynchronousTestCase):
             ({"user": "a", "ttl": "30"}, "bad_request"),
             ({"user": "a", "ttl": True}, "bad_request"),
             ({"user": "a", "ttl": 1.5}, "bad_request"),
+            ({"user": "a", "session_ttl": 59}, "bad_request"),
+            ({"user": "a", "session_ttl": 3601}, "bad_request"),
+            ({"user": "a", "session_ttl": 120.5}, "bad_request"),
+            ({"user": "a", "session_ttl": "600"}, "bad_request"),
             ({"user": "a", "client_ip": "not-an-ip"}, "bad_request"),
             ({"user": "a", "client_ip": None}, "bad_request"),
             ({"user": "a", "subscribe": "news.*"}, "bad_request"),

@@ -114,13 +114,14 @@ def send_then_expect_close(conn: Any, message: Any, code: int) -> None:
 
 class TestBasics:
     def test_welcome_is_first_frame(self, srv: Server) -> None:
-        """The first frame after the upgrade is exactly op/session/user."""
+        """The first frame after the upgrade is exactly op/session/user/expires_at (SPEC 9)."""
         conn = srv.ws(srv.ticket(user="welcome-user"))
         try:
             welcome = recv_json(conn)
         finally:
             conn.close()
-        assert set(welcome) == {"op", "session", "user"}
+        assert set(welcome) == {"op", "session", "user", "expires_at"}
+        assert welcome["expires_at"] > time.time() + 3500
         assert welcome["op"] == "welcome"
         assert welcome["user"] == "welcome-user"
         assert isinstance(welcome["session"], str) and welcome["session"]

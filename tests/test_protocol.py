@@ -27,6 +27,7 @@ from securepub.core.topics import Pattern
 from securepub.core.validation import PayloadValidator, TopicRule
 from securepub.engines.memory.fanout import LocalFanout
 from securepub.engines.memory.history import MemoryHistory
+from securepub.engines.memory.presence import MemoryPresence
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.server.protocol import SecurePubFactory, SecurePubServerProtocol
 from tests.wsframes import client_frame, handshake, server_frames, split_response
@@ -49,13 +50,17 @@ class Harness:
     """A factory on a Clock, with helpers to open connections over StringTransport."""
 
     def __init__(
-        self, test: SynchronousTestCase, limits: Limits | None = None, enforce: bool = True
+        self,
+        test: SynchronousTestCase,
+        limits: Limits | None = None,
+        enforce: bool = True,
+        rules: list[TopicRule] | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
         self.limits = limits or Limits(max_errors=5, max_connections_per_ip=2)
         self.store = MemoryTicketStore(self.clock)
-        rules = [
+        rules = rules or [
             TopicRule(Pattern.parse("chat.*"), None, True),
             TopicRule(Pattern.parse("news.>"), history=HistoryPolicy(size=100, ttl=300)),
         ]
@@ -67,6 +72,7 @@ class Harness:
             self.clock,
             fanout=LocalFanout(self.history),
             history=self.history,
+            presence=MemoryPresence(),
         )
         self.factory = SecurePubFactory(
             broker=broker,
@@ -87,6 +93,7 @@ class Harness:
         ttl: float = 30,
         subscribe: tuple[str, ...] = ("chat.*",),
         publish: tuple[str, ...] = ("chat.*",),
+        session_ttl: float | None = None,
     ) -> str:
         t = Ticket(
             user=user,
@@ -94,6 +101,7 @@ class Harness:
             subscribe=tuple(Pattern.parse(p) for p in subscribe),
             publish=tuple(Pattern.parse(p) for p in publish),
             expires_at=self.clock.seconds() + ttl,
+            session_ttl=session_ttl,
         )
         token: str = self.store.issue(t).result
         return token

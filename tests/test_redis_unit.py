@@ -129,6 +129,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
                 "subscribe": ["news.*"],
                 "publish": ["chat.>"],
                 "expires_at": 130.0,
+                "session_ttl": None,
             },
         )
 

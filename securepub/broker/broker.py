@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
@@ -17,7 +16,8 @@ from zope.interface import implementer
 from securepub.broker.feeds import Catchup, Feed, Verdict
 from securepub.broker.frames import message_frame, unsubscribed_frame
 from securepub.broker.sessions import Grants, ISubscriber, RecordingSubscriber, Session
-from securepub.core.engine import IFanout, IHistory, IReceiver
+from securepub.core import jsonstrict
+from securepub.core.engine import IFanout, IHistory, IPresence, IReceiver
 from securepub.core.errors import RequestError
 from securepub.core.history import (
     HistoryPage,
@@ -27,16 +27,19 @@ from securepub.core.history import (
     Subscribed,
     merge,
 )
+from securepub.core.ids import MessageIds
+from securepub.core.lifetimes import Lifetimes
 from securepub.core.limits import Limits
 from securepub.core.ratelimit import TokenBucket
 from securepub.core.topics import Pattern, SubscriptionIndex, covered_by_any, validate_topic
-from securepub.core.validation import PayloadValidator
+from securepub.core.validation import PayloadValidator, TopicRule
 from securepub.ops.metrics import Metrics
 
 __all__ = ["Broker", "Grants", "ISubscriber", "Published", "RecordingSubscriber", "Session"]
 
 #: Why a subscription ended without the client asking (SPEC sections 8 and 9).
 LOST_HISTORY = "insufficient_state"
+FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,39 +79,47 @@ class Broker:
         *,
         fanout: IFanout,
         history: IHistory | None = None,
+        presence: IPresence | None = None,
         prepare: Callable[[bytes], Any] = _identity,
-        node_id: str | None = None,
+        ids: MessageIds | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._validator = validator
         self._limits = limits
         self._clock = clock
         self._prepare = prepare
-        # Message ids must be unique across nodes: 48 random bits per node.
-        self._node = node_id or secrets.token_hex(6)
+        self._ids = ids if ids is not None else MessageIds()
         self._fanout = fanout
         self._history = history
+        self._presence = presence
         self.metrics = metrics if metrics is not None else Metrics()
         #: Publishes handed to the engine and not yet answered.
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
-        self._message_numbers = count(1)
         self._session_numbers = count(1)
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
         #: history topic -> its feed, while it has exact subscribers here
         self._feeds: dict[str, Feed] = {}
         self.sessions: dict[str, Session] = {}
+        self._lifetimes: Lifetimes[Session] = Lifetimes(clock, self._expiring, self._expired)
         self._fanout.start(self)
+        if presence is not None:
+            presence.start(self)
 
     # -- sessions ---------------------------------------------------------
 
     def open_session(
-        self, user: str, grants: Grants, peer: str, subscriber: ISubscriber
+        self,
+        user: str,
+        grants: Grants,
+        peer: str,
+        subscriber: ISubscriber,
+        expires_at: float | None = None,
     ) -> Session:
-        """Register a connection that has redeemed a ticket."""
+        """Register a connection that has redeemed a ticket, to live until ``expires_at``."""
         rate = self._limits.max_publish_rate
         session = Session(
-            id=f"{self._node}-{next(self._session_numbers)}",
+            id=f"{self._ids.node}-{next(self._session_numbers)}",
             user=user,
             grants=grants,
             peer=peer,
@@ -116,14 +127,54 @@ class Broker:
             bucket=TokenBucket(self._clock, rate=rate, burst=2 * rate),
         )
         self.sessions[session.id] = session
+        if expires_at is not None:
+            self._lifetimes.set(session, expires_at)
         return session
 
     def close_session(self, session: Session) -> None:
         """Forget a connection and every subscription it held."""
         if self.sessions.pop(session.id, None) is None:
             return
+        self._lifetimes.discard(session)
         for pattern in list(session.subscriptions.values()):
             self._drop_subscription(session, pattern)
+
+    # -- lifetimes (SPEC section 9) -----------------------------------------
+
+    def expires_at(self, session: Session) -> float | None:
+        """When the session ends unless it is refreshed (None: never)."""
+        return self._lifetimes.expires_at(session)
+
+    def _expiring(self, session: Session, expires_at: float) -> None:
+        frame = jsonstrict.dumps({"op": "expiring", "expires_at": expires_at}).encode()
+        self._send_one(session, self._prepare(frame))
+
+    def _expired(self, session: Session) -> None:
+        self._log.info(
+            "session expired session={session} user={user} peer={peer}",
+            securepub_event="session_expired",
+            session=session.id,
+            user=session.user,
+            peer=session.peer,
+        )
+        self.close_session(session)
+        session.subscriber.expire()
+
+    def refresh(self, session: Session, grants: Grants, expires_at: float) -> list[str]:
+        """The session redeemed a fresh ticket: new grants, a later expiry.
+
+        Every subscription the new grants do not cover ends with an
+        ``unsubscribed`` frame (reason ``forbidden``); returns their topics.
+        """
+        session.grants = grants
+        self._lifetimes.set(session, expires_at)
+        ended = []
+        for pattern in list(session.subscriptions.values()):
+            if not covered_by_any(grants.subscribe, pattern):
+                self._drop_subscription(session, pattern)
+                self._send_one(session, self._prepare(unsubscribed_frame(pattern.text, FORBIDDEN)))
+                ended.append(pattern.text)
+        return ended
 
     # -- subscriptions ----------------------------------------------------
 
@@ -167,7 +218,10 @@ class Broker:
         session.subscriptions[pattern.text] = pattern
         self._index.add(pattern, session)
         if policy is None:
-            return self._confirmed(Subscribed(), confirm)
+            done = self._confirmed(Subscribed(), confirm)
+            if pattern.is_literal:
+                self._arrive(session, pattern.text)
+            return done
         return self._start_feed(session, pattern, policy, since, confirm)
 
     @staticmethod
@@ -236,6 +290,7 @@ class Broker:
         prepared_of = {id(p): prepared for p, prepared in buffered}
         if confirm is not None:
             confirm(subscribed)
+        self._arrive(session, feed.topic)
         for publication in sending:
             prepared = prepared_of.get(id(publication))
             if prepared is None:
@@ -268,12 +323,75 @@ class Broker:
     def _drop_subscription(self, session: Session, pattern: Pattern) -> None:
         session.subscriptions.pop(pattern.text, None)
         self._index.remove(pattern, session)
+        present = session.present
+        if present is not None and pattern.text in present:
+            present.discard(pattern.text)
+            self._depart(session, pattern.text)
         feed = self._feeds.get(pattern.text) if pattern.is_literal else None
         if feed is not None:
             feed.starting.pop(session, None)
             feed.subscribers -= 1
             if feed.subscribers <= 0:
                 del self._feeds[pattern.text]
+
+    # -- presence (SPEC section 10) ------------------------------------------
+
+    def _presence_rule(self, topic: str) -> TopicRule | None:
+        rule = self._validator.rule_for(topic)
+        return rule if rule is not None and rule.presence else None
+
+    def _arrive(self, session: Session, topic: str) -> None:
+        """Count the session present on an exact topic whose rule tracks presence."""
+        rule = self._presence_rule(topic)
+        if rule is None or self._presence is None:
+            return
+        if session.present is None:
+            session.present = set()
+        session.present.add(topic)
+        d = self._presence.add(topic, session.user, rule.join_leave)
+        d.addErrback(self._presence_failed, topic)
+
+    def _depart(self, session: Session, topic: str) -> None:
+        rule = self._presence_rule(topic)
+        if self._presence is None:
+            return
+        d = self._presence.remove(topic, session.user, rule is not None and rule.join_leave)
+        d.addErrback(self._presence_failed, topic)
+
+    def _presence_failed(self, failure: Failure, topic: str) -> None:
+        if failure.check(RequestError):
+            self._log.warn(
+                "presence of {topic} not recorded: the cluster engine is unavailable",
+                topic=topic,
+                securepub_event="presence_unavailable",
+            )
+        else:
+            self._log.failure("presence update failed topic={topic}", failure, topic=topic)
+
+    def presence(self, session: Session, topic: object) -> Deferred[dict[str, int]]:
+        """Who is on ``topic``, for a session that may subscribe to it."""
+        name = validate_topic(topic)
+        if not covered_by_any(session.grants.subscribe, Pattern.parse(name)):
+            self._refuse(session, "see presence of", name, "no subscribe grant covers it")
+        return self.read_presence(name)
+
+    def read_presence(self, topic: object) -> Deferred[dict[str, int]]:
+        """``user -> sessions`` on an exact topic with presence (``GET /v1/presence``)."""
+        name = validate_topic(topic)
+        if self._presence_rule(name) is None or self._presence is None:
+            raise RequestError("bad_request", f"topic {name} keeps no presence")
+        return self._presence.query(name).addErrback(self._unavailable)
+
+    def presence_changed(self, topic: str, user: str, joined: bool) -> None:
+        """IReceiver: a user's first session arrived on a topic, or its last one left."""
+        targets = self._index.match(topic)
+        if not targets:
+            return
+        op = "join" if joined else "leave"
+        frame = jsonstrict.dumps({"op": op, "topic": topic, "user": user}).encode()
+        prepared = self._prepare(frame)
+        for session in targets:
+            self._send_one(session, prepared)
 
     # -- publishing -------------------------------------------------------
 
@@ -305,7 +423,7 @@ class Broker:
         """
         body = self._validator.validate(topic, data)
         self.metrics.messages_in += 1
-        message_id = f"{self._node}-{next(self._message_numbers)}"
+        message_id = self._ids.next()
         self._in_flight += 1
         publication = Publication(topic, message_id, self._clock.seconds(), body)
         d = self._fanout.publish(publication, self.history_policy(topic))
@@ -485,7 +603,7 @@ class Broker:
 
     def disconnect_user(self, user: str) -> Deferred[None]:
         """Close every session of ``user`` on every node (revocation)."""
-        message_id = f"{self._node}-{next(self._message_numbers)}"
+        message_id = self._ids.next()
         return self._fanout.disconnect(user, message_id, self._clock.seconds())
 
     def disconnect_local(self, user: str) -> int:

@@ -20,6 +20,9 @@ class ISubscriber(Interface):
     def revoke() -> None:
         """The session was revoked: close the connection (it left the broker already)."""
 
+    def expire() -> None:
+        """The session's lifetime is over: close the connection (it left the broker already)."""
+
 
 @implementer(ISubscriber)
 class RecordingSubscriber:
@@ -28,12 +31,16 @@ class RecordingSubscriber:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.revoked = False
+        self.expired = False
 
     def send_prepared(self, prepared: Any) -> None:
         self.sent.append(prepared)
 
     def revoke(self) -> None:
         self.revoked = True
+
+    def expire(self) -> None:
+        self.expired = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,7 @@ class Session:
         "grants",
         "id",
         "peer",
+        "present",
         "subscriber",
         "subscriptions",
         "user",
@@ -75,6 +83,8 @@ class Session:
         self.bucket = bucket
         #: pattern text -> Pattern, in subscription order
         self.subscriptions: dict[str, Pattern] = {}
+        #: exact topics this session is counted present on (made on first use)
+        self.present: set[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r}>"

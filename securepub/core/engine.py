@@ -31,6 +31,9 @@ class IReceiver(Interface):
     def resync() -> None:
         """The engine's link came back: live messages may have been missed meanwhile."""
 
+    def presence_changed(topic: str, user: str, joined: bool) -> None:
+        """``user``'s first session anywhere subscribed to ``topic`` (or its last one left)."""
+
 
 class IFanout(Interface):
     """Carries publications to every node's `IReceiver`."""
@@ -66,3 +69,25 @@ class IHistory(Interface):
         Messages older than the policy's age limit are left out. Errbacks
         with ``RequestError("unavailable", ...)`` when the engine cannot answer.
         """
+
+
+class IPresence(Interface):
+    """Who is subscribed to which exact topic, across every node (SPEC section 10).
+
+    The broker reports each session's exact subscription to a topic with
+    presence (`add`) and its end (`remove`); with ``join_leave`` the engine
+    tells every node's `IReceiver.presence_changed` when a user's first
+    session anywhere arrives or its last one leaves.
+    """
+
+    def start(receiver: IReceiver) -> None:
+        """Remember where join and leave go (once, by the broker)."""
+
+    def add(topic: str, user: str, join_leave: bool) -> Deferred[None]:
+        """One more session of ``user`` on ``topic`` (on this node)."""
+
+    def remove(topic: str, user: str, join_leave: bool) -> Deferred[None]:
+        """One session of ``user`` fewer on ``topic`` (on this node)."""
+
+    def query(topic: str) -> Deferred[dict[str, int]]:
+        """``user -> open sessions`` subscribed to ``topic``, on every live node."""

@@ -18,6 +18,10 @@ class Limits:
     max_queued_bytes: int = 1024 * 1024
     #: What the embedded engine may hold in history, all topics together.
     max_history_bytes: int = 256 * 1024 * 1024
+    #: A session's lifetime: the default and the most a ticket may ask for ...
+    max_session_seconds: int = 3600
+    #: ... and the least (SPEC: 60; lower it only to test refreshes quickly).
+    min_session_seconds: int = 60
 
     @property
     def max_frame_bytes(self) -> int:

@@ -87,6 +87,9 @@ class Ticket:
     subscribe: tuple[Pattern, ...]
     publish: tuple[Pattern, ...]
     expires_at: float
+    #: How long a session opened (or refreshed) with this ticket may last, in
+    #: seconds; None for the node's ``[limits] max_session_seconds``.
+    session_ttl: float | None = None
 
     def __post_init__(self) -> None:
         if self.client_ip is not None:
@@ -95,6 +98,10 @@ class Ticket:
         object.__setattr__(self, "publish", tuple(self.publish))
         if not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite number")
+        if self.session_ttl is not None and not (
+            math.isfinite(self.session_ttl) and self.session_ttl > 0
+        ):
+            raise ValueError("session_ttl must be a positive number")
 
     def binds(self, peer_ip: str) -> bool:
         """Whether a connection from ``peer_ip`` may redeem this ticket."""

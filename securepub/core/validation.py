@@ -36,6 +36,10 @@ class TopicRule:
     schema_source: str | None = None  # where the schema came from, for messages
     #: How much history each matching topic keeps (None: none, the default).
     history: HistoryPolicy | None = None
+    #: Whether who is subscribed to each matching topic is tracked (SPEC 10) ...
+    presence: bool = False
+    #: ... and announced to the topic's subscribers as users join and leave.
+    join_leave: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,11 @@ class PayloadValidator:
             cache.clear()  # crude but bounded; a busy server refills it at once
         cache[topic] = found
         return found
+
+    def announces_join_leave(self, topic: str) -> bool:
+        """Whether the rule of ``topic`` (assumed valid) announces join and leave."""
+        rule = self.rule_for(topic)
+        return rule is not None and rule.join_leave
 
     def rule_for(self, topic: str) -> TopicRule | None:
         """The first rule whose pattern matches ``topic`` (assumed valid), or None."""

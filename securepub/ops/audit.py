@@ -31,6 +31,8 @@ SECURITY_EVENTS = frozenset(
         "sessions_revoked",
         "proxy_headers_ignored",
         "reload_refused",
+        "session_refresh",
+        "session_expired",
     }
 )
 

@@ -20,6 +20,7 @@ from securepub.core.apikeys import ApiKeys, Scopes
 from securepub.core.clientip import ProxyPolicy
 from securepub.core.errors import RequestError
 from securepub.core.history import MAX_OFFSET, HistoryPage
+from securepub.core.limits import Limits
 from securepub.core.ratelimit import TokenBucket
 from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, normalize_ip
 from securepub.core.topics import covered_by_any, parse_patterns, validate_topic
@@ -45,7 +46,7 @@ STATUS = {
 
 MAX_USER_BYTES = 255
 MIN_TTL, MAX_TTL, DEFAULT_TTL = 1, 300, 30
-_TICKET_FIELDS = frozenset({"user", "client_ip", "subscribe", "publish", "ttl"})
+_TICKET_FIELDS = frozenset({"user", "client_ip", "subscribe", "publish", "ttl", "session_ttl"})
 _PUBLISH_FIELDS = frozenset({"topic", "data"})
 
 #: Failed API authentications tolerated per client address before 429.
@@ -290,6 +291,7 @@ def log_ticket_issued(ticket: Ticket, peer: str, source: str) -> None:
         expires_at=ticket.expires_at,
         subscribe=[p.text for p in ticket.subscribe],
         publish=[p.text for p in ticket.publish],
+        session_ttl=ticket.session_ttl,
         peer=peer,
     )
 
@@ -301,8 +303,13 @@ def _user(body: dict[str, Any]) -> str:
     return user
 
 
-def parse_ticket_request(body: dict[str, Any], now: float) -> Ticket:
-    """Validate a ``POST /v1/tickets`` body into a `Ticket` (SPEC section 2)."""
+_DEFAULT_LIMITS = Limits()
+
+
+def parse_ticket_request(
+    body: dict[str, Any], now: float, limits: Limits = _DEFAULT_LIMITS
+) -> Ticket:
+    """Validate a ``POST /v1/tickets`` body into a `Ticket` (SPEC sections 2 and 9)."""
     _check_fields(body, _TICKET_FIELDS, ("user",))
     user = _user(body)
     ip = body.get("client_ip")
@@ -320,24 +327,40 @@ def parse_ticket_request(body: dict[str, Any], now: float) -> Ticket:
     ttl = body.get("ttl", DEFAULT_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not MIN_TTL <= ttl <= MAX_TTL:
         raise RequestError("bad_request", "'ttl' must be an integer from 1 to 300")
+    session_ttl = body.get("session_ttl", limits.max_session_seconds)
+    low, high = limits.min_session_seconds, limits.max_session_seconds
+    if (
+        isinstance(session_ttl, bool)
+        or not isinstance(session_ttl, int)
+        or not (low <= session_ttl <= high)
+    ):
+        raise RequestError("bad_request", f"'session_ttl' must be an integer from {low} to {high}")
     return Ticket(
         user=user,
         client_ip=ip,
         subscribe=parse_patterns(body.get("subscribe", [])),
         publish=parse_patterns(body.get("publish", [])),
         expires_at=now + ttl,
+        session_ttl=session_ttl,
     )
 
 
 class TicketsResource(BackendResource):
     """``POST /v1/tickets``: issue a single-use ticket for one browser."""
 
-    def __init__(self, api_keys: ApiKeys, clock: IReactorTime, store: ITicketStore) -> None:
+    def __init__(
+        self,
+        api_keys: ApiKeys,
+        clock: IReactorTime,
+        store: ITicketStore,
+        limits: Limits = _DEFAULT_LIMITS,
+    ) -> None:
         super().__init__(api_keys, clock)
         self._store = store
+        self._limits = limits
 
     def handle(self, request: Request, body: dict[str, Any]) -> Deferred[bytes]:
-        ticket = parse_ticket_request(body, self._clock.seconds())
+        ticket = parse_ticket_request(body, self._clock.seconds(), self._limits)
         peer = client_ip(request)
         scopes = scopes_of(request)
         if scopes is not None:
@@ -388,14 +411,13 @@ def _published(published: Published) -> dict[str, Any]:
 
 
 MAX_HISTORY_LIMIT, DEFAULT_HISTORY_LIMIT = 1000, 100
-_HISTORY_PARAMETERS = frozenset({b"topic", b"since", b"limit"})
 
 
-def _query(request: Request) -> dict[bytes, bytes]:
+def _query(request: Request, known: frozenset[bytes]) -> dict[bytes, bytes]:
     """The query string's parameters, each at most once, none unknown."""
     args: dict[bytes, list[bytes]] = request.args or {}
     for name, values in args.items():
-        if name not in _HISTORY_PARAMETERS:
+        if name not in known:
             raise RequestError("bad_request", f"unknown parameter {name[:40].decode('latin-1')!r}")
         if len(values) != 1:
             raise RequestError("bad_request", f"parameter {name.decode()!r} given more than once")
@@ -410,14 +432,14 @@ def _bounded(value: bytes | None, name: str, low: int, high: int, default: int) 
     return int(value)
 
 
-class HistoryResource(BackendResource):
-    """``GET /v1/history?topic=T&since=OFFSET&limit=N``: a topic's history, for backends.
+class _TopicQueryResource(BackendResource):
+    """A ``GET`` about one topic (``?topic=T``), for backends.
 
-    The messages are the frames subscribers got, spliced in as they are.
-    A key limited to publish scopes may read only the topics it may publish on.
+    A key limited to publish scopes may ask only about topics it may publish on.
     """
 
     allowed_methods = (b"GET",)
+    parameters: frozenset[bytes] = frozenset({b"topic"})
 
     def __init__(self, api_keys: ApiKeys, clock: IReactorTime, broker: Broker) -> None:
         super().__init__(api_keys, clock)
@@ -428,31 +450,54 @@ class HistoryResource(BackendResource):
         if refused is not None:
             return refused
         try:
-            query = _query(request)
+            query = _query(request, self.parameters)
             raw_topic = query.get(b"topic")
             if raw_topic is None:
                 raise RequestError("bad_request", "missing parameter 'topic'")
             topic = validate_topic(raw_topic.decode("ascii", "replace"))
-            since = _bounded(query.get(b"since"), "since", 0, MAX_OFFSET, 0)
-            limit = _bounded(
-                query.get(b"limit"), "limit", 1, MAX_HISTORY_LIMIT, DEFAULT_HISTORY_LIMIT
-            )
             scopes = scopes_of(request)
             if scopes is not None and not any(p.matches(topic) for p in scopes):
-                _refused(request, client_ip(request), "read history of", topic)
+                _refused(request, client_ip(request), "read", topic)
                 raise RequestError("forbidden", f"this API key may not read {topic}")
-            d = self._broker.read_history(topic, since, limit)
+            body = self.answer(request, topic, query)
         except RequestError as e:
             return error_body(request, e.code, e.message)
-        body: Deferred[bytes] = d.addCallback(self._page, request)
         body.addCallback(self._finish, request)
         body.addErrback(self._fail, request)
         return NOT_DONE_YET
+
+    def answer(self, request: Request, topic: str, query: dict[bytes, bytes]) -> Deferred[bytes]:
+        raise NotImplementedError
+
+
+class HistoryResource(_TopicQueryResource):
+    """``GET /v1/history?topic=T&since=OFFSET&limit=N``: a topic's history (SPEC 8).
+
+    The messages are the frames subscribers got, spliced in as they are.
+    """
+
+    parameters = frozenset({b"topic", b"since", b"limit"})
+
+    def answer(self, request: Request, topic: str, query: dict[bytes, bytes]) -> Deferred[bytes]:
+        since = _bounded(query.get(b"since"), "since", 0, MAX_OFFSET, 0)
+        limit = _bounded(query.get(b"limit"), "limit", 1, MAX_HISTORY_LIMIT, DEFAULT_HISTORY_LIMIT)
+        d = self._broker.read_history(topic, since, limit)
+        page: Deferred[bytes] = d.addCallback(self._page, request)
+        return page
 
     @staticmethod
     def _page(page: HistoryPage, request: Request) -> bytes:
         head = respond(request, 200, {"offset": page.position.offset, "epoch": page.position.epoch})
         return head[:-1] + b',"messages":[' + b",".join(history_frames(page)) + b"]}"
+
+
+class PresenceResource(_TopicQueryResource):
+    """``GET /v1/presence?topic=T``: who is subscribed to a topic, on every node (SPEC 10)."""
+
+    def answer(self, request: Request, topic: str, query: dict[bytes, bytes]) -> Deferred[bytes]:
+        d = self._broker.read_presence(topic)
+        body: Deferred[bytes] = d.addCallback(lambda users: respond(request, 200, {"users": users}))
+        return body
 
 
 class MetricsResource(BackendResource):

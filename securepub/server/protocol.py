@@ -39,6 +39,8 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1001
 #: The user's sessions were revoked (POST /v1/disconnect).
 CLOSE_REVOKED = 4001
+#: The session's lifetime ended without a refresh (SPEC section 9).
+CLOSE_SESSION_EXPIRED = 4003
 
 #: Largest integer ``id`` echoed back: JavaScript's Number.MAX_SAFE_INTEGER.
 MAX_INT_ID = 2**53 - 1
@@ -49,6 +51,8 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "subscribe": (frozenset({"op", "id", "topic"}), frozenset({"since"})),
     "unsubscribe": (frozenset({"op", "id", "topic"}), frozenset()),
     "publish": (frozenset({"op", "id", "topic", "data"}), frozenset()),
+    "refresh": (frozenset({"op", "id", "ticket"}), frozenset()),
+    "presence": (frozenset({"op", "id", "topic"}), frozenset()),
 }
 #: Longest epoch a client may send back (the server's own are 16 characters).
 MAX_EPOCH_CHARS = 64
@@ -243,9 +247,11 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         ticket = self._ticket
+        del self._ticket
         grants = Grants(subscribe=ticket.subscribe, publish=ticket.publish)
+        expires_at = self._session_end(ticket)
         self._session = self.factory.broker.open_session(
-            ticket.user, grants, self._hs["peer"], self
+            ticket.user, grants, self._hs["peer"], self, expires_at
         )
         self.factory.open_connections.add(self)
         # As a push producer, we hear from the transport when its buffer is
@@ -255,7 +261,20 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         consumer = cast(IConsumer, self.transport)
         consumer.unregisterProducer()
         consumer.registerProducer(self, True)
-        self._send_json({"op": "welcome", "session": self._session.id, "user": ticket.user})
+        self._send_json(
+            {
+                "op": "welcome",
+                "session": self._session.id,
+                "user": ticket.user,
+                "expires_at": expires_at,
+            }
+        )
+
+    def _session_end(self, ticket: Ticket) -> float:
+        """When a session opened or refreshed with ``ticket`` ends (SPEC section 9)."""
+        f = self.factory
+        lifetime = ticket.session_ttl or f.limits.max_session_seconds
+        return f.clock.seconds() + min(lifetime, f.limits.max_session_seconds)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -302,6 +321,70 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
     ) -> Deferred[Any]:
         d = self.factory.broker.client_publish(session, message["topic"], message["data"])
         return d.addCallback(lambda _: self._send_json({"op": "ok", "id": message_id}))
+
+    def _handle_refresh(
+        self, session: Session, message: dict[str, Any], message_id: int | str
+    ) -> Deferred[Any]:
+        """Redeem a fresh ticket in-band: as at the handshake, then for the same user only."""
+        token = message["ticket"]
+        if not isinstance(token, str):
+            raise RequestError("bad_request", "'ticket' must be a string")
+        f = self.factory
+        d: Deferred[Ticket] = maybeDeferred(f.tickets.redeem, token, self._hs["peer"])
+        d.addBoth(self._timed_redemption, f.clock.seconds())
+        return d.addCallbacks(
+            self._refreshed,
+            self._refresh_refused,
+            callbackArgs=(session, message_id),
+            errbackArgs=(session,),
+        )
+
+    def _refreshed(self, ticket: Ticket, session: Session, message_id: int | str) -> None:
+        if self._session is not session:
+            return  # closed (or revoked) while the store answered; the ticket is spent
+        if ticket.user != session.user:
+            self._log_refresh(session, "refused", "other_user")
+            raise RequestError("forbidden", "the ticket is not valid for this session")
+        expires_at = self._session_end(ticket)
+        self._log_refresh(session, "accepted", "ticket_redeemed", expires_at)
+        self._send_json({"op": "ok", "id": message_id, "expires_at": expires_at})
+        grants = Grants(subscribe=ticket.subscribe, publish=ticket.publish)
+        self.factory.broker.refresh(session, grants, expires_at)
+
+    def _refresh_refused(self, failure: Failure, session: Session) -> Failure:
+        if isinstance(failure.value, TicketRefused):
+            self._log_refresh(session, "refused", "ticket_" + failure.value.reason)
+            return Failure(RequestError("forbidden", "the ticket is not valid for this session"))
+        if failure.check(StoreUnavailable):
+            self._log_refresh(session, "refused", "ticket_store_unavailable")
+            return Failure(RequestError("unavailable", "the ticket store is unavailable"))
+        return failure
+
+    def _log_refresh(
+        self, session: Session, outcome: str, reason: str, expires_at: float | None = None
+    ) -> None:
+        """The ``session_refresh`` security event; the ticket itself is never logged."""
+        self._log.info(
+            "session refresh {outcome} reason={reason} session={session} user={user} peer={peer}",
+            securepub_event="session_refresh",
+            outcome=outcome,
+            reason=reason,
+            session=session.id,
+            user=session.user,
+            peer=self._hs.get("peer"),
+            expires_at=expires_at,
+        )
+
+    def _handle_presence(
+        self, session: Session, message: dict[str, Any], message_id: int | str
+    ) -> Deferred[Any]:
+        topic = message["topic"]
+        d = self.factory.broker.presence(session, topic)
+        return d.addCallback(
+            lambda users: self._send_json(
+                {"op": "presence", "id": message_id, "topic": topic, "users": users}
+            )
+        )
 
     def _not_done(self, failure: Failure, message_id: int | str) -> None:
         if isinstance(failure.value, RequestError):
@@ -396,6 +479,11 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         """ISubscriber: the broker revoked this session; close with 4001."""
         self._session = None
         self._close(CLOSE_REVOKED, "revoked")
+
+    def expire(self) -> None:
+        """ISubscriber: the session's lifetime is over; close with 4003."""
+        self._session = None
+        self._close(CLOSE_SESSION_EXPIRED, "session expired")
 
     def going_away(self) -> None:
         """Close with 1001 because this node is stopping."""

@@ -51,7 +51,17 @@ _TOP_KEYS = frozenset(_OPTION_KEYS) | {
     "trusted_proxies",
     "reuse_port",
 }
-_TOPIC_KEYS = frozenset({"pattern", "schema", "client_publish", "history_size", "history_ttl"})
+_TOPIC_KEYS = frozenset(
+    {
+        "pattern",
+        "schema",
+        "client_publish",
+        "history_size",
+        "history_ttl",
+        "presence",
+        "join_leave",
+    }
+)
 _PATH_KEYS = (
     "cert",
     "key",
@@ -73,6 +83,8 @@ _LIMIT_SPECS: tuple[tuple[str, type, float, float], ...] = (
     ("max_errors", int, 1, 1_000_000),
     ("max_queued_bytes", int, 64 * 1024, 1024 * 1024 * 1024),
     ("max_history_bytes", int, 1024 * 1024, 64 * 1024 * 1024 * 1024),
+    ("max_session_seconds", int, 1, 86_400),
+    ("min_session_seconds", int, 1, 86_400),
 )
 
 
@@ -181,7 +193,13 @@ def _limits(table: object) -> Limits:
         if key in table:
             convert = _as_int if kind is int else _as_float
             values[key] = convert(f"limits.{key}", table[key], low, high)
-    return Limits(**values)
+    limits = Limits(**values)
+    if limits.min_session_seconds > limits.max_session_seconds:
+        raise ConfigError(
+            f"limits.min_session_seconds: {limits.min_session_seconds} is over "
+            f"limits.max_session_seconds ({limits.max_session_seconds})"
+        )
+    return limits
 
 
 def _topic_rules(items: object, base: str) -> tuple[TopicRule, ...]:
@@ -201,9 +219,11 @@ def _topic_rules(items: object, base: str) -> tuple[TopicRule, ...]:
             pattern = Pattern.parse(item["pattern"])
         except RequestError as e:
             raise ConfigError(f"{where}.pattern: {e.message}") from None
-        client_publish = item.get("client_publish", False)
-        if not isinstance(client_publish, bool):
-            raise ConfigError(f"{where}.client_publish: expected true or false")
+        client_publish, presence, join_leave = (
+            _flag(item, name, where) for name in ("client_publish", "presence", "join_leave")
+        )
+        if join_leave and not presence:
+            raise ConfigError(f"{where}.join_leave: only used together with presence = true")
         schema = None
         source = None
         if "schema" in item:
@@ -216,9 +236,18 @@ def _topic_rules(items: object, base: str) -> tuple[TopicRule, ...]:
                 client_publish=client_publish,
                 schema_source=source,
                 history=_history(item, where),
+                presence=presence,
+                join_leave=join_leave,
             )
         )
     return tuple(rules)
+
+
+def _flag(item: Mapping[str, Any], name: str, where: str) -> bool:
+    value = item.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{name}: expected true or false")
+    return value
 
 
 def _history(item: Mapping[str, Any], where: str) -> HistoryPolicy | None:

@@ -24,6 +24,10 @@ SIGNED: Final = "2"
 #: The "topic" of a control message closing a user's sessions on every node;
 #: no real topic can take this name (``!`` is outside the topic grammar).
 DISCONNECT: Final = "!disconnect"
+#: Control messages announcing a user's first session on a topic, and its last.
+JOIN: Final = "!join"
+LEAVE: Final = "!leave"
+CONTROLS: Final = frozenset({DISCONNECT, JOIN, LEAVE})
 #: A live message of a history topic starts with this line, written by the
 #: publish script: ``H <offset> <epoch>``.
 HISTORY_PREFIX: Final = "H "
@@ -53,7 +57,7 @@ class Codec:
     def decode(self, message: object, controls: bool = False) -> Publication:
         """Check one encoded message; raise `Malformed` saying what is wrong.
 
-        ``controls`` admits the `DISCONNECT` control topic (live channel only).
+        ``controls`` admits the control topics (`CONTROLS`; live channel only).
         """
         if not isinstance(message, str):
             raise Malformed("not text")
@@ -70,7 +74,7 @@ class Codec:
         if len(parts) != 4:
             raise Malformed("not in the expected format")
         topic, message_id, ts_text, body = parts
-        if not (controls and topic == DISCONNECT):
+        if not (controls and topic in CONTROLS):
             try:
                 validate_topic(topic)
             except RequestError:
@@ -113,3 +117,21 @@ def parse_offset(entry_id: object) -> int:
     if not dash or sequence != "1" or _OFFSET.fullmatch(offset) is None:
         raise Malformed("bad entry id")
     return int(offset)
+
+
+def presence_body(topic: str, user: str) -> str:
+    """The body of a join or leave control message."""
+    return jsonstrict.dumps({"topic": topic, "user": user})
+
+
+def parse_presence_body(body: str) -> tuple[str, str]:
+    """``(topic, user)`` of a join or leave message; ValueError if it is not one."""
+    value = jsonstrict.loads(body)
+    if not isinstance(value, dict) or set(value) != {"topic", "user"}:
+        raise ValueError("not a presence body")
+    topic, user = value["topic"], value["user"]
+    if not isinstance(topic, str) or not isinstance(user, str) or not user:
+        raise ValueError("not a presence body")
+    if len(user.encode("utf-8")) > 255:
+        raise ValueError("user name too long")
+    return topic, user

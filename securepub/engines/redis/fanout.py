@@ -17,11 +17,15 @@ from securepub.core.engine import IFanout, IReceiver
 from securepub.core.errors import RequestError
 from securepub.core.history import HistoryPolicy, Position, Publication
 from securepub.core.tickets import SecondsClock
+from securepub.core.topics import validate_topic
 from securepub.engines.redis.codec import (
     DISCONNECT,
+    JOIN,
+    LEAVE,
     MESSAGE_ID,
     Codec,
     Malformed,
+    parse_presence_body,
     split_history_prefix,
 )
 from securepub.engines.redis.keys import checked_position, history_keys, meta_ttl
@@ -157,6 +161,18 @@ class RedisFanout:
             user = jsonstrict.loads(publication.body)
             if isinstance(user, str):
                 receiver.disconnect_local(user)
+            return
+        if publication.topic in (JOIN, LEAVE):
+            try:
+                topic, user = parse_presence_body(publication.body)
+                validate_topic(topic)
+            except (ValueError, RequestError):
+                _log.warn(
+                    "dropped a malformed message from redis: bad presence message",
+                    securepub_event="cluster_message_dropped",
+                )
+                return
+            receiver.presence_changed(topic, user, publication.topic == JOIN)
             return
         if offset is not None:
             publication = Publication(

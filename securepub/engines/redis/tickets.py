@@ -77,6 +77,7 @@ def _dump(ticket: Ticket) -> str:
             "subscribe": [p.text for p in ticket.subscribe],
             "publish": [p.text for p in ticket.publish],
             "expires_at": ticket.expires_at,
+            "session_ttl": ticket.session_ttl,
         },
         separators=(",", ":"),
     )
@@ -92,9 +93,18 @@ def _load(value: str) -> Ticket:
             subscribe=tuple(Pattern.parse(p) for p in data["subscribe"]),
             publish=tuple(Pattern.parse(p) for p in data["publish"]),
             expires_at=float(data["expires_at"]),
+            session_ttl=_optional_seconds(data.get("session_ttl")),
         )
     except (RequestError, ValueError, KeyError, TypeError, AttributeError):
         raise TicketRefused("unknown") from None
+
+
+def _optional_seconds(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("session_ttl is not a number")
+    return float(value)
 
 
 @implementer(ITicketStore)
