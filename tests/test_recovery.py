@@ -299,3 +299,15 @@ class RecoveryTests(SynchronousTestCase):
         self.assertIn(TOPIC, self.broker._feeds)
         self.broker.close_session(self.session)
         self.assertEqual(self.broker._feeds, {})
+
+    def test_since_on_a_held_subscription_replays_nothing(self) -> None:
+        """Subscribing again with since: recovered only when since is where the topic stands."""
+        self.broker.subscribe(self.session, TOPIC, confirm=self.recorder.confirm)
+        self.engine.settle()
+        self.broker.publish(TOPIC, 1)
+        self.engine.settle()
+        here = self.successResultOf(self.broker.subscribe(self.session, TOPIC, Position(1, "E1")))
+        self.assertEqual((here.position, here.recovered), (Position(1, "E1"), True))
+        behind = self.successResultOf(self.broker.subscribe(self.session, TOPIC, Position(0, "E1")))
+        self.assertFalse(behind.recovered)
+        self.assertEqual(self.recorder.offsets(), [1])

@@ -205,9 +205,12 @@ class Broker:
             what = "a pattern" if not pattern.is_literal else "a topic without history"
             raise RequestError("bad_request", f"'since' cannot be used on {what}")
         if pattern.text in session.subscriptions:
+            # Already subscribed: it has been receiving, so nothing is replayed;
+            # a since is honoured only when it is where the topic stands.
             feed = self._feeds.get(pattern.text) if policy is not None else None
             position = feed.cursor if feed is not None else None
-            return self._confirmed(Subscribed(position=position), confirm)
+            recovered = None if since is None else since == position
+            return self._confirmed(Subscribed(position, recovered), confirm)
         if not covered_by_any(session.grants.subscribe, pattern):
             self._refuse(session, "subscribe", pattern.text, "no subscribe grant covers it")
         if len(session.subscriptions) >= self._limits.max_subscriptions:
@@ -279,7 +282,10 @@ class Broker:
             self.metrics.recoveries[outcome] += 1
         current = feed.starting.get(session) is catchup and self._feeds.get(feed.topic) is feed
         if not current:
-            # Unsubscribed (or closed) while the read was in flight: answer, send nothing.
+            # Unsubscribed (or ended by the server) while the read was in flight:
+            # answer, send nothing, and claim no recovery.
+            if since is not None:
+                subscribed = Subscribed(subscribed.position, recovered=False)
             if session.id in self.sessions and confirm is not None:
                 confirm(subscribed)
             done.callback(subscribed)

@@ -25,8 +25,9 @@ MAX_OFFSET: Final = 2**53 - 1
 #: after its last message expired, so a subscriber that missed nothing recovers.
 POSITION_MEMORY_SECONDS: Final = 86_400
 #: Bytes the embedded engine counts per retained message beyond its payload and
-#: topic: the Python objects holding it (measured with bench/history.py).
-HISTORY_ENTRY_OVERHEAD: Final = 320
+#: topic: the Python objects holding it, fragmentation included (bench/history.py
+#: measured 646 bytes of RSS per 200-byte message beyond those, 218 traced).
+HISTORY_ENTRY_OVERHEAD: Final = 640
 
 
 @dataclass(frozen=True, slots=True)
