@@ -170,7 +170,9 @@ def subscriber() -> Iterator[list[Subscribe]]:
 # -- help and usage ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["certs"], ["ticket"], ["publish"], ["subscribe"]])
+@pytest.mark.parametrize(
+    "command", [[], ["certs"], ["ticket"], ["publish"], ["subscribe"], ["history"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     """``--help`` works on the command and on every subcommand, naming the environment."""
     result = run(*command, "--help", env=cli_env())
@@ -192,6 +194,11 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["publish", "demo.x"], "JSON"),
         (["subscribe"], "PATTERN"),
         (["subscribe", "a.b", "--count", "0"], "at least 1"),
+        (["history"], "TOPIC"),
+        (["history", "demo.a", "--limit", "0"], "1 to 1000"),
+        (["history", "demo.a", "--limit", "1001"], "1 to 1000"),
+        (["history", "demo.a", "--since", "-1"], "from 0"),
+        (["history", "demo.a", "--since", "x"], "not an integer"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> None:

@@ -26,9 +26,12 @@ from securepub.clients.blocking import (
     CertificateError,
     ClientError,
     ConnectionFailed,
+    HistoryPage,
     IssuedTicket,
+    Published,
     Publisher,
     RetryPolicy,
+    history_query,
     parse_url,
 )
 from securepub.clients.twisted_client import TwistedPublisher
@@ -296,21 +299,27 @@ class Scripted:
     """A TLS HTTP server answering request N with ``script[N]``.
 
     An action is ``(status, body)`` or ``"drop"`` (close without answering,
-    after reading the request). ``requests`` records each request's path.
+    after reading the request). ``requests`` records each request's path,
+    ``methods`` its method.
     """
 
     def __init__(self, cert: trustme.LeafCert, script: list[Any]) -> None:
         self.script = list(script)
         self.requests: list[str] = []
+        self.methods: list[str] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def do_GET(self) -> None:
+                self.do_POST()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 self.rfile.read(length)
                 outer.requests.append(self.path)
+                outer.methods.append(self.command)
                 action = outer.script.pop(0) if outer.script else (500, b"{}")
                 if action == "drop":
                     self.close_connection = True
@@ -419,6 +428,111 @@ def test_a_certificate_for_another_name_is_refused(stub_ca: trustme.CA, stub_ca_
         with pytest.raises(CertificateError):
             pub.publish("a.b", 1)
     assert server.requests == []
+
+
+PAGE = (200, b'{"offset":2,"epoch":"e1","messages":[{"op":"message","offset":2}]}')
+POSITIONED = (202, b'{"id":"m-1","offset":7,"epoch":"e1"}')
+
+MALFORMED_PAGES = [
+    (200, b"[]"),
+    (200, b'{"offset":2,"epoch":"e1"}'),
+    (200, b'{"offset":"2","epoch":"e1","messages":[]}'),
+    (200, b'{"offset":true,"epoch":"e1","messages":[]}'),
+    (200, b'{"offset":-1,"epoch":"e1","messages":[]}'),
+    (200, b'{"offset":2,"epoch":3,"messages":[]}'),
+    (200, b'{"offset":2,"epoch":"e1","messages":{}}'),
+    (200, b'{"offset":2,"epoch":"e1","messages":[1]}'),
+    (502, b"<html>bad gateway</html>"),
+]
+
+MALFORMED_PUBLISHED = [
+    (202, b'{"id":"m-1","offset":"7","epoch":"e1"}'),
+    (202, b'{"id":"m-1","offset":7}'),
+    (202, b'{"id":"m-1","epoch":"e1"}'),
+    (202, b'{"id":"m-1","offset":0,"epoch":"e1"}'),
+    (202, b'{"id":"m-1","offset":false,"epoch":"e1"}'),
+]
+
+
+def test_history_is_a_get_retried_on_503(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """history() sends GET /v1/history with the topic quoted, retries a 503, returns the page."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [UNAVAILABLE, PAGE]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        page = pub.history("a.b", since=1, limit=5)
+        pub.close()
+    assert page == HistoryPage(offset=2, epoch="e1", messages=[{"op": "message", "offset": 2}])
+    assert server.methods == ["GET", "GET"]
+    assert server.requests == ["/v1/history?topic=a.b&since=1&limit=5"] * 2
+    assert len(sleep.delays) == 1
+
+
+def test_history_is_not_retried_after_a_dropped_connection(
+    stub_ca: trustme.CA, stub_ca_file: str
+) -> None:
+    """Only refused connections and 503 are retried, for history() as for publish()."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, ["drop", PAGE]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        with pytest.raises(ConnectionFailed):
+            pub.history("a.b")
+        pub.close()
+    assert len(server.requests) == 1 and sleep.delays == []
+
+
+@pytest.mark.parametrize("answer", MALFORMED_PAGES)
+def test_a_malformed_history_page_raises_unexpected_response(
+    stub_ca: trustme.CA, stub_ca_file: str, answer: tuple[int, bytes]
+) -> None:
+    """A page without an integer offset, a string epoch and a list of objects is refused."""
+    with scripted(stub_ca, [answer]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        with pytest.raises(APIError) as caught:
+            pub.history("a.b")
+        pub.close()
+    assert caught.value.code == "unexpected_response"
+
+
+@pytest.mark.parametrize("answer", MALFORMED_PUBLISHED)
+def test_a_malformed_position_in_a_publish_answer_raises_unexpected_response(
+    stub_ca: trustme.CA, stub_ca_file: str, answer: tuple[int, bytes]
+) -> None:
+    """offset and epoch come together, a positive integer and a string, or not at all."""
+    with scripted(stub_ca, [answer, answer]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        with pytest.raises(APIError) as message_caught:
+            pub.publish_message("a.b", 1)
+        with pytest.raises(APIError) as id_caught:
+            pub.publish("a.b", 1)
+        pub.close()
+    assert message_caught.value.code == id_caught.value.code == "unexpected_response"
+
+
+def test_publish_message_returns_the_position(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """publish_message() returns Published(id, offset, epoch); publish() the same id alone."""
+    with scripted(stub_ca, [POSITIONED, POSITIONED, ACCEPTED]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        assert pub.publish_message("a.b", 1) == Published("m-1", 7, "e1")
+        assert pub.publish("a.b", 1) == "m-1"
+        assert pub.publish_message("a.b", 1) == Published("m-1", None, None)
+        pub.close()
+
+
+def test_history_arguments_are_checked_and_the_topic_quoted() -> None:
+    """The topic cannot add query parameters; since and limit must be integers."""
+    assert history_query("a&since=5 #") == "/v1/history?topic=a%26since%3D5%20%23&since=0&limit=100"
+    for since, limit in (("1", 5), (1, 2.0), (True, 5)):
+        with pytest.raises(ClientError, match="must be an integer"):
+            history_query("a.b", since, limit)  # type: ignore[arg-type]
+    with pytest.raises(ClientError, match="not valid text"):
+        history_query("a\udc80")
+
+
+def test_a_page_says_where_the_next_one_starts() -> None:
+    """next_since is the last offset of a page that did not reach the topic's offset."""
+    assert HistoryPage(5, "e", [{"offset": 3}]).next_since == 3
+    assert HistoryPage(5, "e", [{"offset": 5}]).next_since is None
+    assert HistoryPage(5, "e", []).next_since is None
 
 
 # -- the Twisted publisher -----------------------------------------------------
@@ -536,6 +650,65 @@ class TwistedPublisherTests(TrialTestCase):
                 assert e.refused
             else:
                 raise AssertionError("no ConnectionFailed")
+
+        return ensureDeferred(run())
+
+    def test_history_and_publish_message(self) -> Deferred[None]:
+        """publish_message() fires with offsets, history() with the page holding them."""
+
+        async def run() -> None:
+            pub = self.publisher()
+            first = await pub.publish_message("demo.twisted.history", {"n": 1})
+            second = await pub.publish_message("demo.twisted.history", {"n": 2})
+            assert isinstance(first, Published) and first.offset is not None
+            assert second.offset == first.offset + 1 and second.epoch == first.epoch
+            page = await pub.history("demo.twisted.history", since=first.offset - 1)
+            assert (page.offset, page.epoch) == (second.offset, second.epoch)
+            assert [m["data"] for m in page.messages] == [{"n": 1}, {"n": 2}]
+            assert [m["id"] for m in page.messages] == [first.id, second.id]
+            plain = await pub.publish_message("twisted.no.history", 1)
+            assert (plain.offset, plain.epoch) == (None, None)
+            try:
+                await pub.history("twisted.no.history")
+            except APIError as e:
+                assert (e.status, e.code) == (400, "bad_request")
+            else:
+                raise AssertionError("no APIError")
+            try:
+                await pub.history("a.b", since="0")  # type: ignore[arg-type]
+            except ClientError as e:
+                assert "integer" in str(e)
+            else:
+                raise AssertionError("no ClientError")
+
+        return ensureDeferred(run())
+
+    def test_history_retries_503_and_checks_the_page(self) -> Deferred[None]:
+        """history() is a GET, retried on 503; a malformed page is unexpected_response."""
+
+        async def run() -> None:
+            policy = RetryPolicy(retries=2, initial_delay=0.01, max_delay=0.02)
+            script = [UNAVAILABLE, PAGE, MALFORMED_PAGES[2], MALFORMED_PUBLISHED[0]]
+            with scripted(self.stub_ca, script) as server:
+                pub = self.publisher(
+                    url=server.url, ca=self.stub_ca_file, api_key="k" * 32, retry=policy
+                )
+                page = await pub.history("a.b", since=1, limit=5)
+                assert page.offset == 2 and page.messages == [{"op": "message", "offset": 2}]
+                calls: list[Callable[[], Deferred[Any]]] = [
+                    lambda: pub.history("a.b"),
+                    lambda: pub.publish_message("a.b", 1),
+                ]
+                for call in calls:
+                    try:
+                        await call()
+                    except APIError as e:
+                        assert e.code == "unexpected_response"
+                    else:
+                        raise AssertionError("no APIError")
+                await pub.close()
+            assert server.methods == ["GET", "GET", "GET", "POST"]
+            assert server.requests[0] == "/v1/history?topic=a.b&since=1&limit=5"
 
         return ensureDeferred(run())
 

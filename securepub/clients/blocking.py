@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -22,18 +22,27 @@ __all__ = [
     "CertificateError",
     "ClientError",
     "ConnectionFailed",
+    "HistoryPage",
     "IssuedTicket",
+    "Published",
     "Publisher",
     "RetryPolicy",
     "ServerURL",
     "bearer",
     "encode_json",
+    "history_page",
+    "history_query",
     "parse_response",
     "parse_url",
+    "published",
     "ticket_request",
 ]
 
 DEFAULT_URL: Final = "https://localhost:8443"
+
+#: ``GET /v1/history`` returns at most this many messages per call (SPEC section 8).
+MAX_HISTORY_LIMIT: Final = 1000
+DEFAULT_HISTORY_LIMIT: Final = 100
 
 #: The largest response body read from the server; a reply is a few hundred bytes.
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
@@ -97,6 +106,45 @@ class IssuedTicket:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A ``POST /v1/publish`` answer: the message id and, on a topic with history, its place.
+
+    ``offset`` and ``epoch`` are None on a topic that keeps no history.
+    """
+
+    id: str
+    offset: int | None = None
+    epoch: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """A ``GET /v1/history`` answer (SPEC section 8).
+
+    ``offset`` and ``epoch`` are the topic's position at the moment of the
+    read (its latest offset, 0 when it holds nothing); ``messages`` are the
+    message objects after ``since`` as subscribers got them
+    (``{"op": "message", "topic": ..., "id": ..., "ts": ..., "data": ...,
+    "offset": ..., "epoch": ...}``), in offset order. When the last message's
+    offset is below ``offset``, more follow: ask again ``since`` it.
+    """
+
+    offset: int
+    epoch: str
+    messages: list[dict[str, Any]]
+
+    @property
+    def next_since(self) -> int | None:
+        """The ``since`` of the next page when this one did not reach ``offset``, else None."""
+        if not self.messages:
+            return None
+        last = self.messages[-1].get("offset")
+        if isinstance(last, int) and not isinstance(last, bool) and last < self.offset:
+            return last
+        return None
+
+
+@dataclass(frozen=True)
 class ServerURL:
     """A checked ``https://host[:port][/prefix]`` server address."""
 
@@ -150,10 +198,52 @@ def encode_json(value: Any) -> bytes:
 
 def published_id(result: dict[str, Any]) -> str:
     """The message id in a ``POST /v1/publish`` answer (the server's data is checked too)."""
+    return published(result).id
+
+
+def _is_offset(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def published(result: dict[str, Any]) -> Published:
+    """The whole ``POST /v1/publish`` answer: id, and offset and epoch when it has them."""
     message_id = result.get("id")
     if not isinstance(message_id, str):
         raise APIError(202, "unexpected_response", "the answer holds no message id")
-    return message_id
+    if "offset" not in result and "epoch" not in result:
+        return Published(message_id)
+    offset, epoch = result.get("offset"), result.get("epoch")
+    if not _is_offset(offset) or offset == 0 or not isinstance(epoch, str):
+        raise APIError(202, "unexpected_response", "the answer's offset or epoch is malformed")
+    return Published(message_id, offset, epoch)
+
+
+def history_query(topic: str, since: int = 0, limit: int = DEFAULT_HISTORY_LIMIT) -> str:
+    """The path and query of ``GET /v1/history`` (the server checks the values' ranges)."""
+    if not isinstance(topic, str):
+        raise ClientError("the topic must be a string")
+    for name, value in (("since", since), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ClientError(f"{name} must be an integer")
+    try:
+        quoted = quote(topic, safe="")
+    except UnicodeEncodeError:
+        raise ClientError("the topic is not valid text") from None
+    return f"/v1/history?topic={quoted}&since={since}&limit={limit}"
+
+
+def history_page(result: dict[str, Any]) -> HistoryPage:
+    """A ``GET /v1/history`` answer, its shape checked."""
+    offset, epoch, messages = result.get("offset"), result.get("epoch"), result.get("messages")
+    if (
+        not isinstance(offset, int)
+        or not _is_offset(offset)
+        or not isinstance(epoch, str)
+        or not isinstance(messages, list)
+        or not all(isinstance(message, dict) for message in messages)
+    ):
+        raise APIError(200, "unexpected_response", "the answer is not a history page")
+    return HistoryPage(offset=offset, epoch=epoch, messages=messages)
 
 
 def issued_ticket(result: dict[str, Any]) -> IssuedTicket:
@@ -324,7 +414,28 @@ class Publisher:
         ...) when the server refuses it, `ConnectionFailed` when it could not
         be reached or the connection broke.
         """
-        return published_id(self._call("/v1/publish", encode_json({"topic": topic, "data": data})))
+        return self.publish_message(topic, data).id
+
+    def publish_message(self, topic: str, data: Any) -> Published:
+        """Publish like `publish`, returning the whole answer: a `Published`.
+
+        On a topic with history it carries the message's ``offset`` and the
+        topic's ``epoch`` (a subscriber that has seen this message can resume
+        from there); elsewhere they are None.
+        """
+        body = encode_json({"topic": topic, "data": data})
+        return published(self._call("POST", "/v1/publish", body))
+
+    def history(
+        self, topic: str, since: int = 0, limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> HistoryPage:
+        """Read what a topic with history holds after offset ``since`` (``GET /v1/history``).
+
+        At most ``limit`` messages (1 to 1000) come back; `HistoryPage.next_since`
+        says where the next page starts when there are more. A topic that keeps
+        no history raises `APIError` ``bad_request``.
+        """
+        return history_page(self._call("GET", history_query(topic, since, limit)))
 
     def issue_ticket(
         self,
@@ -339,7 +450,7 @@ class Publisher:
         body = ticket_request(
             user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
         )
-        return issued_ticket(self._call("/v1/tickets", encode_json(body)))
+        return issued_ticket(self._call("POST", "/v1/tickets", encode_json(body)))
 
     def close(self) -> None:
         """Close the kept-alive connection; the next call opens a new one."""
@@ -354,12 +465,12 @@ class Publisher:
 
     # -- one call, with retries
 
-    def _call(self, path: str, body: bytes) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         with self._lock:
             attempt = 0
             while True:
                 try:
-                    return self._attempt(path, body)
+                    return self._attempt(method, path, body)
                 except ConnectionFailed as e:
                     if not e.refused or attempt >= self._retry.retries:
                         raise
@@ -369,16 +480,17 @@ class Publisher:
                 self._sleep(self._retry.delay(attempt))
                 attempt += 1
 
-    def _attempt(self, path: str, body: bytes) -> dict[str, Any]:
+    def _attempt(self, method: str, path: str, body: bytes | None) -> dict[str, Any]:
         conn = self._connection()
         headers = {
             "Authorization": self._authorization,
-            "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": _USER_AGENT,
         }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            conn.request("POST", self._url.path(path), body=body, headers=headers)
+            conn.request(method, self._url.path(path), body=body, headers=headers)
             response = conn.getresponse()
             data = response.read(MAX_RESPONSE_BYTES + 1)
         except (OSError, http.client.HTTPException) as e:

@@ -1,4 +1,4 @@
-"""The ``securepub`` command line: certificates, tickets, publishing and subscribing."""
+"""The ``securepub`` command line: certificates, tickets, publishing, subscribing, history."""
 
 from __future__ import annotations
 
@@ -43,7 +43,16 @@ def _err(message: str) -> None:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """One line of printable text: whitespace runs collapsed, control characters escaped."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _status(args: argparse.Namespace, text: str) -> None:
+    """A status line on stderr, unless --quiet."""
+    if not args.quiet:
+        sys.stderr.write(f"securepub: {_one_line(text)}\n")
+        sys.stderr.flush()
 
 
 def _server(args: argparse.Namespace) -> tuple[str, str, str | None]:
@@ -128,6 +137,22 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(args: argparse.Namespace) -> int:
+    with _publisher(args) as publisher:
+        page = publisher.history(args.topic, since=args.since, limit=args.limit)
+    for message in page.messages:
+        _print_json(message)
+    count = len(page.messages)
+    text = (
+        f"{args.topic}: {count} message{'s' if count != 1 else ''} after offset {args.since}; "
+        f"the topic is at offset {page.offset}, epoch {page.epoch}"
+    )
+    if page.next_since is not None:
+        text += f"; more with --since {page.next_since}"
+    _status(args, text)
+    return 0
+
+
 def _subscribe(args: argparse.Namespace) -> int:
     url, api_key, ca = _server(args)
     from twisted.internet import reactor
@@ -139,13 +164,12 @@ def _subscribe(args: argparse.Namespace) -> int:
     received = 0
 
     def get_ticket() -> Any:
-        d = publisher.issue_ticket(args.user, subscribe=patterns, ttl=30)
+        # Only what is still subscribed: the server may have ended some subscriptions.
+        d = publisher.issue_ticket(args.user, subscribe=subscriber.patterns, ttl=30)
         return d.addCallback(lambda issued: issued.ticket)
 
     def status(text: str) -> None:
-        if not args.quiet:
-            sys.stderr.write(f"securepub: {_one_line(text)}\n")
-            sys.stderr.flush()
+        _status(args, text)
 
     def on_message(frame: dict[str, Any]) -> None:
         nonlocal received
@@ -212,6 +236,8 @@ def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
 
 _ttl = _int_in(1, 300, "the TTL in seconds")
 _count = _int_in(1, None, "the count")
+_offset = _int_in(0, 2**53 - 1, "the offset")
+_limit = _int_in(1, 1000, "the limit")
 
 
 def _server_options() -> _Parser:
@@ -310,9 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[server],
         help="print the messages published to topics",
         description="Subscribe to each PATTERN and print every message as one JSON line "
-        '({"op":"message","topic":...,"id":...,"ts":...,"data":...}). A lost connection is '
-        "retried with backoff, each time with a fresh ticket, and the patterns are "
-        "subscribed again. Runs until interrupted, or until --count messages arrived.",
+        '({"op":"message","topic":...,"id":...,"ts":...,"data":...}; on a topic with history '
+        'also "offset" and "epoch"). A lost connection is retried with backoff, each time '
+        "with a fresh ticket, and the patterns are subscribed again; an exact topic with "
+        "history resumes after the last message printed, so the messages missed meanwhile "
+        "are printed first, in order. When the server's history no longer reaches back, a "
+        "status line says 'TOPIC: not recovered (...): refetch' and the missed messages are "
+        "lost. Runs until interrupted, or until --count messages arrived.",
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -329,6 +359,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no status lines on stderr, only errors"
     )
     subscribe.set_defaults(run=_subscribe)
+
+    history = commands.add_parser(
+        "history",
+        parents=[server],
+        help="print the messages a topic's history holds",
+        description="Print the messages of TOPIC's history after offset --since "
+        "(GET /v1/history), oldest first, each as one JSON line exactly as subscribe prints "
+        "it. Then a status line on stderr gives the count and the topic's position, e.g. "
+        "'securepub: news.a: 2 messages after offset 0; the topic is at offset 2, epoch E', "
+        "ending with '; more with --since N' when --limit cut the page short. The topic must "
+        "be an exact topic a [[topics]] rule keeps history for (--dev: demo.>).",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    history.add_argument("topic", metavar="TOPIC", help="for example demo.hello")
+    history.add_argument(
+        "--since",
+        type=_offset,
+        default=0,
+        metavar="N",
+        help="print the messages after offset N (default: 0, all the history holds)",
+    )
+    history.add_argument(
+        "--limit",
+        type=_limit,
+        default=100,
+        metavar="N",
+        help="at most N messages, 1 to 1000 (default: %(default)s)",
+    )
+    history.add_argument(
+        "--quiet", action="store_true", help="no status line on stderr, only errors"
+    )
+    history.set_defaults(run=_history)
     return parser
 
 

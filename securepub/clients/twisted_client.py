@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from io import BytesIO
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ from service_identity import CertificateError as ServiceIdentityCertificateError
 from service_identity import VerificationError
 from twisted.internet import error as netError
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol, connectionDone
@@ -46,6 +46,7 @@ from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from securepub.clients.blocking import (
+    DEFAULT_HISTORY_LIMIT,
     DEFAULT_RETRY,
     MAX_IDLE_SECONDS,
     MAX_RESPONSE_BYTES,
@@ -53,25 +54,34 @@ from securepub.clients.blocking import (
     CertificateError,
     ClientError,
     ConnectionFailed,
+    HistoryPage,
     IssuedTicket,
+    Published,
     RetryPolicy,
     ServerURL,
     bearer,
     encode_json,
+    history_page,
+    history_query,
     issued_ticket,
     parse_response,
     parse_url,
+    published,
     published_id,
     ticket_request,
 )
 
 __all__ = [
     "FATAL_CLOSE_CODES",
+    "INSUFFICIENT_STATE",
     "SUBSCRIBE_BACKOFF",
+    "Position",
+    "RecoverCallback",
     "SubscribeRefused",
     "Subscriber",
     "TwistedPublisher",
     "client_tls",
+    "is_exact",
     "load_trust_root",
 ]
 
@@ -254,8 +264,23 @@ class TwistedPublisher:
 
     def publish(self, topic: str, data: Any) -> Deferred[str]:
         """Publish ``data`` to ``topic``; fires with the message id or fails with `ClientError`."""
-        d = self._call("/v1/publish", encode_json({"topic": topic, "data": data}))
+        d = self._call(b"POST", "/v1/publish", encode_json({"topic": topic, "data": data}))
         return d.addCallback(published_id)
+
+    def publish_message(self, topic: str, data: Any) -> Deferred[Published]:
+        """Publish like `publish`; fires with a `Published` (id, and offset and epoch)."""
+        d = self._call(b"POST", "/v1/publish", encode_json({"topic": topic, "data": data}))
+        return d.addCallback(published)
+
+    def history(
+        self, topic: str, since: int = 0, limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> Deferred[HistoryPage]:
+        """Read a topic's history after offset ``since``; fires with a `HistoryPage`."""
+        try:
+            path = history_query(topic, since, limit)
+        except ClientError:
+            return fail()
+        return self._call(b"GET", path).addCallback(history_page)
 
     def issue_ticket(
         self,
@@ -270,16 +295,18 @@ class TwistedPublisher:
         body = ticket_request(
             user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
         )
-        return self._call("/v1/tickets", encode_json(body)).addCallback(issued_ticket)
+        return self._call(b"POST", "/v1/tickets", encode_json(body)).addCallback(issued_ticket)
 
     def close(self) -> Deferred[None]:
         """Close the kept-alive connections."""
         d: Deferred[None] = self._pool.closeCachedConnections()
         return d
 
-    def _call(self, path: str, body: bytes) -> Deferred[dict[str, Any]]:
+    def _call(
+        self, method: bytes, path: str, body: bytes | None = None
+    ) -> Deferred[dict[str, Any]]:
         def attempt(number: int) -> Deferred[dict[str, Any]]:
-            d = self._attempt(path, body)
+            d = self._attempt(method, path, body)
 
             def retry(failure: Failure) -> Any:
                 value = failure.value
@@ -295,20 +322,21 @@ class TwistedPublisher:
 
         return attempt(0)
 
-    def _attempt(self, path: str, body: bytes) -> Deferred[dict[str, Any]]:
+    def _attempt(self, method: bytes, path: str, body: bytes | None) -> Deferred[dict[str, Any]]:
         origin = self._url.origin
         target = (origin + self._url.path(path)).encode("ascii")
         headers = Headers(
             {
                 b"Authorization": [self._authorization],
-                b"Content-Type": [b"application/json"],
                 b"Accept": [b"application/json"],
                 b"User-Agent": [b"securepub-python-twisted"],
             }
         )
-        d: Deferred[IResponse] = self._agent.request(
-            b"POST", target, headers, FileBodyProducer(BytesIO(body))
-        )
+        producer = None
+        if body is not None:
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+            producer = FileBodyProducer(BytesIO(body))
+        d: Deferred[IResponse] = self._agent.request(method, target, headers, producer)
 
         def read(response: IResponse) -> Deferred[dict[str, Any]]:
             length = response.length
@@ -376,7 +404,39 @@ def _close(protocol: _SubscriberProtocol) -> None:
 
 
 class SubscribeRefused(ClientError):
-    """The server refused a subscription (``forbidden``, ``invalid_topic``, ...)."""
+    """The server refused a subscription (``forbidden``, ``invalid_topic``, ...), or ended
+    the last one left (``unsubscribed`` with reason ``forbidden``)."""
+
+
+#: ``unsubscribed`` reason: the server lost track of a topic's order; subscribe again ``since``.
+INSUFFICIENT_STATE: Final = "insufficient_state"
+
+#: A topic's place in its history: (offset, epoch).
+Position = tuple[int, str]
+
+#: ``on_recover(topic, recovered, offset, epoch)``; see `Subscriber`.
+RecoverCallback = Callable[[str, bool, int | None, str | None], None]
+
+
+def is_exact(pattern: str) -> bool:
+    """Whether a subscription names one topic (no ``*`` or ``>`` segment)."""
+    return all(segment not in ("*", ">") for segment in pattern.split("."))
+
+
+def _position(frame: dict[str, Any]) -> Position | None:
+    """A frame's ``offset`` and ``epoch`` when it carries both, well formed."""
+    offset, epoch = frame.get("offset"), frame.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return None
+    if not isinstance(epoch, str) or not epoch:
+        return None
+    return offset, epoch
+
+
+def _printable(value: object, limit: int) -> str:
+    """Text from the server made safe for a status line: bounded, no control characters."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class Subscriber:
@@ -389,7 +449,23 @@ class Subscriber:
     (`RetryPolicy` delays, restarting from the first after each successful
     subscription). What retrying cannot fix ends it: a refused ticket
     request other than 503/429, an untrusted certificate, a refused
-    subscription, or a close code in `FATAL_CLOSE_CODES`.
+    subscription, or a close code in `FATAL_CLOSE_CODES`. A subscribe
+    refused with ``unavailable`` (the cluster engine is down) is tried
+    again after the backoff instead.
+
+    Recovery (SPEC section 8): for every exact topic with history it keeps
+    the position of the last message handed on (or the subscription's
+    starting position), and after a reconnect subscribes ``since`` it, so
+    the messages missed meanwhile arrive first, in order, each once.
+    ``since`` gives starting positions, e.g. from `TwistedPublisher.history`.
+    Each answer to such a resume is reported to ``on_recover(topic,
+    recovered, offset, epoch)`` (``offset``/``epoch``: the topic's position
+    now, None when it no longer keeps history); when it was not recovered
+    the messages in between are lost to this subscriber, ``on_status`` says
+    so and the application must refetch the topic's state. An
+    ``unsubscribed`` frame with reason ``insufficient_state`` is resumed at
+    once the same way; any other reason (``forbidden``) ends that
+    subscription, and when none is left, `run` fails with `SubscribeRefused`.
 
     ``run()`` fires when `stop` is called, or fails with the `ClientError`.
     """
@@ -404,6 +480,8 @@ class Subscriber:
         *,
         ca: str | None = None,
         on_status: Callable[[str], None] = lambda text: None,
+        on_recover: RecoverCallback = lambda topic, recovered, offset, epoch: None,
+        since: Mapping[str, Position] | None = None,
         backoff: RetryPolicy = SUBSCRIBE_BACKOFF,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -412,10 +490,11 @@ class Subscriber:
         self._reactor = reactor
         self._url = parse_url(url)
         self._root = load_trust_root(ca)
-        self._patterns = tuple(dict.fromkeys(patterns))
+        self._patterns = list(dict.fromkeys(patterns))
         self._get_ticket = get_ticket
         self._on_message = on_message
         self._on_status = on_status
+        self._on_recover = on_recover
         self._backoff = backoff
         self._rand = rand
         self._attempts = 0
@@ -423,8 +502,34 @@ class Subscriber:
         self._stopping = False
         self._protocol: _SubscriberProtocol | None = None
         self._timer: IDelayedCall | None = None
-        self._pending: dict[int, str] = {}
+        #: subscribe id -> (pattern, the since it was sent with)
+        self._pending: dict[int, tuple[str, Position | None]] = {}
         self._next_id = 0
+        #: exact topic -> position of the last message handed on (or its starting one)
+        self._positions: dict[str, Position] = {}
+        for topic, (offset, epoch) in (since or {}).items():
+            if topic not in self._patterns or not is_exact(topic):
+                raise ClientError(f"since names {topic[:100]!r}, not one of the exact topics")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ClientError(f"since: the offset of {topic[:100]!r} is not an integer >= 0")
+            if not isinstance(epoch, str) or not epoch:
+                raise ClientError(f"since: the epoch of {topic[:100]!r} is not a string")
+            self._positions[topic] = (offset, epoch)
+        #: patterns not yet subscribed on this connection, and whether to announce them
+        self._awaiting: set[str] = set()
+        self._announce = False
+        #: subscribes refused with ``unavailable``, waiting to be sent again
+        self._resubscribe_timers: dict[str, IDelayedCall] = {}
+        self._resubscribe_attempts: dict[str, int] = {}
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The subscriptions still wanted (the server may have ended some)."""
+        return tuple(self._patterns)
+
+    def position(self, topic: str) -> Position | None:
+        """The (offset, epoch) an exact topic would resume from, if known."""
+        return self._positions.get(topic)
 
     def run(self) -> Deferred[None]:
         """Start; the Deferred fires after `stop`, or fails with what ended it."""
@@ -440,6 +545,7 @@ class Subscriber:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._cancel_resubscribes()
         if self._protocol is not None:
             _close(self._protocol)
         else:
@@ -504,41 +610,189 @@ class Subscriber:
         if done is None:
             return
         self._stopping = True
+        self._cancel_resubscribes()
         if result is None:
             done.callback(None)
         else:
             done.errback(result)
 
+    def _end(self, protocol: _SubscriberProtocol, error: ClientError) -> None:
+        self._stopping = True
+        _close(protocol)
+        self._finish(Failure(error))
+
+    # -- subscribing on one connection
+
+    def _subscribe(self, protocol: _SubscriberProtocol, pattern: str) -> None:
+        """Send one subscribe, ``since`` the topic's position when one is known."""
+        self._next_id += 1
+        frame: dict[str, Any] = {"op": "subscribe", "id": self._next_id, "topic": pattern}
+        since = self._positions.get(pattern)
+        if since is not None:
+            frame["since"] = {"offset": since[0], "epoch": since[1]}
+        self._pending[self._next_id] = (pattern, since)
+        protocol.send_json(frame)
+
+    def _subscribe_later(self, protocol: _SubscriberProtocol, pattern: str, why: str) -> None:
+        attempt = self._resubscribe_attempts.get(pattern, 0)
+        self._resubscribe_attempts[pattern] = attempt + 1
+        delay = self._backoff.delay(attempt, self._rand)
+        self._on_status(f"{pattern}: {why}; subscribing again in {delay:.1f} s")
+
+        def again() -> None:
+            self._resubscribe_timers.pop(pattern, None)
+            if (
+                protocol is self._protocol
+                and protocol.state == protocol.STATE_OPEN
+                and pattern in self._patterns
+                and not self._stopping
+            ):
+                self._subscribe(protocol, pattern)
+
+        self._cancel_resubscribe(pattern)
+        self._resubscribe_timers[pattern] = self._reactor.callLater(delay, again)
+
+    def _cancel_resubscribe(self, pattern: str) -> None:
+        timer = self._resubscribe_timers.pop(pattern, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _cancel_resubscribes(self) -> None:
+        timers, self._resubscribe_timers = self._resubscribe_timers, {}
+        for timer in timers.values():
+            if timer.active():
+                timer.cancel()
+
+    def _subscribed(self, pattern: str, frame: dict[str, Any], since: Position | None) -> None:
+        """An ``ok``: note where the topic stands, and report how a resume went."""
+        self._resubscribe_attempts.pop(pattern, None)
+        position = _position(frame)
+        if since is None:
+            if position is not None and is_exact(pattern):
+                self._advance(pattern, position)
+        elif frame.get("recovered") is True:
+            # The missed messages follow: the position advances as they are handed on.
+            offset, epoch = position if position is not None else since
+            missed = max(0, offset - since[0])
+            self._on_recover(pattern, True, offset, epoch)
+            self._on_status(
+                f"{pattern}: recovered, {missed} missed message{'s' if missed != 1 else ''} follow"
+            )
+        else:
+            if position is not None:
+                self._advance(pattern, position)
+                why = (
+                    "history no longer reaches back"
+                    if position[1] == since[1]
+                    else "the server lost the topic's history: new epoch"
+                )
+            else:
+                self._positions.pop(pattern, None)
+                why = "no position in the answer"
+            self._on_recover(
+                pattern,
+                False,
+                position[0] if position else None,
+                position[1] if position else None,
+            )
+            self._on_status(f"{pattern}: not recovered ({why}): refetch")
+
+    def _refused(
+        self,
+        protocol: _SubscriberProtocol,
+        pattern: str,
+        since: Position | None,
+        frame: dict[str, Any],
+    ) -> None:
+        """An ``error`` answering a subscribe."""
+        code = _printable(frame.get("code"), 40)
+        message = _printable(frame.get("message"), 300)
+        if code == "unavailable":
+            self._subscribe_later(protocol, pattern, f"unavailable: {message}")
+            return
+        if code == "bad_request" and since is not None:
+            # The topic keeps no history any more (the server's rules changed): no resume.
+            self._positions.pop(pattern, None)
+            self._on_recover(pattern, False, None, None)
+            self._on_status(f"{pattern}: not recovered (since refused: {message}): refetch")
+            self._subscribe(protocol, pattern)
+            return
+        self._end(protocol, SubscribeRefused(f"{code}: {message} ({pattern})"))
+
+    def _unsubscribed(self, protocol: _SubscriberProtocol, frame: dict[str, Any]) -> None:
+        """The server ended a subscription: resume it, or give it up."""
+        topic, reason = frame.get("topic"), frame.get("reason")
+        if not isinstance(topic, str) or topic not in self._patterns:
+            return
+        if reason == INSUFFICIENT_STATE:
+            self._cancel_resubscribe(topic)
+            since = self._positions.get(topic)
+            where = f"since offset {since[0]}" if since is not None else "afresh"
+            self._on_status(f"{topic}: the server lost track of its order; subscribing {where}")
+            self._subscribe(protocol, topic)
+            return
+        why = _printable(reason, 40)
+        self._patterns.remove(topic)
+        self._positions.pop(topic, None)
+        self._awaiting.discard(topic)
+        self._cancel_resubscribe(topic)
+        self._on_status(f"{topic}: the server ended the subscription ({why})")
+        if not self._patterns:
+            self._end(protocol, SubscribeRefused(f"no subscription left ({topic}: {why})"))
+
+    def _advance(self, topic: str, position: Position) -> None:
+        """Move a topic's position forward; within one epoch it never goes back (a
+        pattern subscription may have handed on a later message already)."""
+        known = self._positions.get(topic)
+        if known is None or known[1] != position[1] or position[0] > known[0]:
+            self._positions[topic] = position
+
+    def _handed_on(self, frame: dict[str, Any]) -> None:
+        """A message: advance its exact topic's position, then hand it to ``on_message``."""
+        topic = frame.get("topic")
+        if isinstance(topic, str) and topic in self._patterns and is_exact(topic):
+            position = _position(frame)
+            if position is not None:
+                self._advance(topic, position)
+        self._on_message(frame)
+
     # -- called by the protocol
 
     def _frame(self, protocol: _SubscriberProtocol, frame: dict[str, Any]) -> None:
         op, frame_id = frame.get("op"), frame.get("id")
-        pattern: str | None
+        request: tuple[str, Position | None] | None
         if op == "message":
-            self._on_message(frame)
+            self._handed_on(frame)
         elif op == "welcome":
             self._pending = {}
+            self._cancel_resubscribes()
+            self._awaiting = set(self._patterns)
+            self._announce = True
             for pattern in self._patterns:
-                self._next_id += 1
-                self._pending[self._next_id] = pattern
-                protocol.send_json({"op": "subscribe", "id": self._next_id, "topic": pattern})
+                self._subscribe(protocol, pattern)
         elif op == "ok":
-            pattern = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
-            if pattern is not None and not self._pending:
+            request = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
+            if request is None or request[0] not in self._patterns:
+                return
+            pattern, since = request
+            self._subscribed(pattern, frame, since)
+            self._awaiting.discard(pattern)
+            if self._announce and not self._awaiting:
+                self._announce = False
                 self._attempts = 0
                 self._on_status(f"subscribed to {' '.join(self._patterns)}")
         elif op == "error":
-            pattern = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
-            if pattern is not None:
-                code = str(frame.get("code"))[:40]
-                message = str(frame.get("message"))[:300]
-                self._stopping = True
-                _close(protocol)
-                self._finish(Failure(SubscribeRefused(f"{code}: {message} ({pattern})")))
+            request = self._pending.pop(frame_id, None) if isinstance(frame_id, int) else None
+            if request is not None and request[0] in self._patterns:
+                self._refused(protocol, request[0], request[1], frame)
+        elif op == "unsubscribed":
+            self._unsubscribed(protocol, frame)
 
     def _closed(self, protocol: _SubscriberProtocol, code: int | None, reason: str | None) -> None:
         if protocol is self._protocol:
             self._protocol = None
+            self._pending = {}
+            self._cancel_resubscribes()
         if self._stopping:
             self._finish(None)
             return
