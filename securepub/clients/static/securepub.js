@@ -4,6 +4,7 @@
 //   const client = connect({
 //     getTicket: async () => (await fetch("/my-app/securepub-ticket", {method: "POST"})).json(),
 //     onMessage: (message) => { element.textContent = JSON.stringify(message.data); },
+//     onRecover: (topic, {recovered}) => { if (!recovered) refetch(topic); },
 //   });
 //   await client.subscribe("news.*");
 //   await client.publish("chat.room1", {text: "hi"});
@@ -15,6 +16,10 @@ export const SUBPROTOCOL = "securepub.v1";
 
 // Close codes after which reconnecting cannot help: the client must be fixed.
 export const FATAL_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
+
+// Why the server ends a subscription when it lost track of the topic's order:
+// subscribing again `since` the last offset says whether anything was lost.
+export const LOST_ORDER = "insufficient_state";
 
 const TICKET_SHAPE = /^[A-Za-z0-9_-]{1,512}$/;
 
@@ -51,21 +56,56 @@ function ticketOf(value) {
   return ticket;
 }
 
+// A topic's position as the server states it: an offset (0, 1, 2, ...) and an epoch.
+function isOffset(value) {
+  return Number.isSafeInteger(value) && value >= 0;
+}
+
+function positionOf(frame) {
+  return isOffset(frame.offset) && typeof frame.epoch === "string"
+    ? { offset: frame.offset, epoch: frame.epoch }
+    : null;
+}
+
+// Exponential backoff with jitter: a random delay between half and all of
+// min(maxDelay, initialDelay * 2^attempt), so many pages do not return in step.
+function backoff(initialDelay, maxDelay, attempt) {
+  const ceiling = Math.min(maxDelay, initialDelay * 2 ** Math.min(attempt, 20));
+  return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+}
+
+// At most this many offsets are remembered per topic as already handed over
+// ahead of a resume (see `early` below); past it, repeats are no longer filtered.
+const MAX_EARLY = 1000;
+
 /**
  * Connect to a securepub server, and stay connected.
  *
  * options.url            wss://HOST:PORT/ws (default: the server that served this module)
  * options.getTicket      () => Promise of a ticket string or {ticket}; called for every
  *                        connection, since a ticket is used once
- * options.onMessage      (message) => void, message = {topic, id, ts, data}
+ * options.onMessage      (message) => void, message = {topic, id, ts, data}, plus
+ *                        {offset, epoch} on a topic that keeps history
+ * options.onRecover      (topic, {recovered, offset, epoch}) => void: after each
+ *                        resubscription that resumed from the last offset seen
+ *                        (a reconnect, or the server losing track of the topic), and
+ *                        when a message's epoch is not the one seen before
+ *                        (recovered false). When recovered is false, messages were
+ *                        missed: refetch the topic's state. offset and epoch are the
+ *                        topic's position as the server stated it.
+ * options.onUnsubscribed (topic, reason) => void: the server ended a subscription for
+ *                        good (reason "forbidden": the session's rights no longer
+ *                        cover it); it is forgotten, and onError hears of it too
  * options.onError        (error) => void, a SecurePubError
  * options.onStateChange  (state, detail) => void; state is "connecting", "open",
  *                        "reconnecting" (detail.delay in ms) or "closed"
- * options.initialDelay, options.maxDelay   backoff bounds in ms (default 500, 30000)
+ * options.initialDelay, options.maxDelay   backoff bounds in ms (default 500, 30000), for
+ *                        reconnecting and for subscribing again after "unavailable"
  *
  * Returns a client with subscribe(topic), unsubscribe(topic) and publish(topic, data),
  * each returning a Promise resolved by the server's "ok" and rejected by its "error"
- * (a SecurePubError with .code), and close().
+ * (a SecurePubError with .code), and close(). subscribe() resolves with
+ * {offset, epoch, recovered} (each undefined when the server did not say).
  */
 export function connect(options = {}) {
   const url = checkUrl(options.url || defaultUrl());
@@ -75,14 +115,27 @@ export function connect(options = {}) {
   }
   const noop = () => {};
   const onMessage = options.onMessage || noop;
+  const onRecover = options.onRecover || noop;
+  const onUnsubscribed = options.onUnsubscribed || noop;
   const onError = options.onError || noop;
   const onStateChange = options.onStateChange || noop;
   const initialDelay = options.initialDelay ?? 500;
   const maxDelay = options.maxDelay ?? 30000;
 
-  const topics = new Set(); // what the application wants subscribed, across reconnects
-  const waiting = new Map(); // topic -> [{resolve, reject}] until it is subscribed
-  const pending = new Map(); // request id -> {resolve, reject, op, topic}
+  // topic or pattern -> its subscription: what the application wants, across reconnects.
+  //   position  {offset, epoch} of the last message handed over (or of the subscribe's
+  //             ok), on an exact topic that keeps history; else null
+  //   state     on the current connection: "idle" (not asked yet), "sending" (asked,
+  //             no answer yet), "waiting" (refused as unavailable, asking again at
+  //             `retry`), "active" (the server said ok)
+  //   waiters   subscribe() promises waiting for the first ok
+  //   redo      the server ended it while it was being asked for: ask again on ok
+  //   refetch   continuity is lost whatever the next ok says: report recovered false
+  //   early     offsets in the position's epoch already handed over while the
+  //             subscription was not active (through an overlapping pattern): not
+  //             handed over again when a resume sends them
+  const subscriptions = new Map();
+  const pending = new Map(); // request id -> {ok(frame), fail(error), op}
   let socket = null;
   let state = "closed";
   let nextId = 0;
@@ -91,57 +144,226 @@ export function connect(options = {}) {
   let closedByUser = false;
   let session = null;
 
-  function report(error) {
+  function safely(callback, ...args) {
     try {
-      onError(error);
+      callback(...args);
     } catch (e) {
       console.error(e);
     }
   }
 
+  function report(error) {
+    safely(onError, error);
+  }
+
   function setState(next, detail = {}) {
     state = next;
-    try {
-      onStateChange(next, detail);
-    } catch (e) {
-      console.error(e);
-    }
+    safely(onStateChange, next, detail);
   }
 
   function send(frame) {
     socket.send(JSON.stringify(frame));
   }
 
-  function request(frame) {
+  function request(frame, ok, fail) {
     const id = ++nextId;
-    return new Promise((resolve, reject) => {
-      pending.set(id, { resolve, reject, op: frame.op, topic: frame.topic });
-      send({ ...frame, id });
-    });
+    pending.set(id, { ok, fail, op: frame.op });
+    send({ ...frame, id });
   }
 
-  function settleWaiting(topic, error) {
-    const list = waiting.get(topic) || [];
-    waiting.delete(topic);
-    for (const { resolve, reject } of list) {
+  function ask(frame) {
+    return new Promise((resolve, reject) => request(frame, () => resolve(), reject));
+  }
+
+  function errorOf(frame) {
+    return new SecurePubError(String(frame.code), String(frame.message));
+  }
+
+  // -- subscriptions
+
+  function newSubscription(topic) {
+    return {
+      topic,
+      position: null,
+      state: "idle",
+      waiters: [],
+      retry: null,
+      retries: 0,
+      redo: false,
+      refetch: false,
+      early: null,
+    };
+  }
+
+  function current(sub) {
+    return subscriptions.get(sub.topic) === sub;
+  }
+
+  function stopRetry(sub) {
+    if (sub.retry !== null) clearTimeout(sub.retry);
+    sub.retry = null;
+  }
+
+  function settle(sub, error, value) {
+    const waiters = sub.waiters;
+    sub.waiters = [];
+    for (const { resolve, reject } of waiters) {
       if (error) reject(error);
-      else resolve();
+      else resolve(value);
     }
   }
 
-  function sendSubscribe(topic) {
-    request({ op: "subscribe", topic }).then(
-      () => settleWaiting(topic, null),
-      (error) => {
-        // Lost with the connection: it is sent again once reconnected.
-        if (error.code === "connection_lost") return;
-        // Refused (forbidden, invalid_topic, ...): do not ask again after a reconnect.
-        topics.delete(topic);
-        settleWaiting(topic, error);
-        report(error);
-      },
+  function forget(sub, error) {
+    subscriptions.delete(sub.topic);
+    stopRetry(sub);
+    sub.state = "idle";
+    settle(sub, error);
+  }
+
+  // Ask the server; on a topic with a remembered position, resume from it.
+  function sendSubscribe(sub) {
+    if (state !== "open" || !current(sub)) return;
+    stopRetry(sub);
+    sub.state = "sending";
+    sub.redo = false;
+    const since = sub.position;
+    const frame = { op: "subscribe", topic: sub.topic };
+    if (since !== null) frame.since = { offset: since.offset, epoch: since.epoch };
+    request(
+      frame,
+      (answer) => subscribed(sub, since, answer),
+      (error) => refused(sub, since, error),
     );
   }
+
+  function subscribed(sub, since, answer) {
+    if (!current(sub)) return; // unsubscribed meanwhile
+    if (sub.redo) {
+      // The server ended this subscription before it answered: that ok is stale.
+      sendSubscribe(sub);
+      return;
+    }
+    sub.state = "active";
+    sub.retries = 0;
+    const position = positionOf(answer);
+    let recovered = typeof answer.recovered === "boolean" ? answer.recovered : undefined;
+    if (since !== null && recovered === undefined) recovered = false; // no word on it: assume lost
+    if (recovered === true) {
+      // The missed messages follow: the position advances as they arrive.
+      sub.position = since;
+    } else {
+      sub.position = position;
+      sub.early = null;
+    }
+    const result = {
+      offset: position ? position.offset : undefined,
+      epoch: position ? position.epoch : undefined,
+      recovered,
+    };
+    if (since !== null || sub.refetch) {
+      sub.refetch = false;
+      safely(onRecover, sub.topic, {
+        recovered: recovered === true,
+        offset: result.offset,
+        epoch: result.epoch,
+      });
+    }
+    settle(sub, null, result);
+  }
+
+  function refused(sub, since, error) {
+    if (!current(sub)) return;
+    sub.state = "idle";
+    // Lost with the connection: it is sent again once reconnected.
+    if (error.code === "connection_lost") return;
+    if (error.code === "unavailable") {
+      // The cluster engine is down for now: ask again later, with backoff.
+      const delay = backoff(initialDelay, maxDelay, sub.retries);
+      sub.retries += 1;
+      sub.state = "waiting";
+      sub.retry = setTimeout(() => {
+        sub.retry = null;
+        if (sub.state === "waiting") sendSubscribe(sub);
+      }, delay);
+      const retrying = new SecurePubError(
+        "unavailable",
+        error.message + " (subscribing to " + sub.topic + " again in " + delay + " ms)",
+      );
+      report(retrying);
+      return;
+    }
+    if (since !== null && error.code === "bad_request") {
+      // The topic keeps no history (any more): subscribe plainly, and say it must be refetched.
+      sub.position = null;
+      sub.early = null;
+      sub.refetch = true;
+      sendSubscribe(sub);
+      return;
+    }
+    // Refused (forbidden, invalid_topic, ...): do not ask again after a reconnect.
+    forget(sub, error);
+    report(error);
+  }
+
+  // The server ended a subscription on its own (SPEC sections 8 and 9).
+  function ended(topic, reason) {
+    if (typeof topic !== "string") return;
+    const sub = subscriptions.get(topic);
+    if (sub === undefined) return; // the application gave it up already
+    const why = typeof reason === "string" && reason ? reason : "unsubscribed";
+    if (why === LOST_ORDER) {
+      if (sub.position === null) sub.refetch = true; // nothing to resume from
+      if (sub.state === "sending") sub.redo = true;
+      else if (sub.state === "active") sendSubscribe(sub);
+      // "waiting" or "idle": it is asked for again anyway.
+      return;
+    }
+    const error = new SecurePubError(why, "the server ended the subscription to " + topic + " (" + why + ")");
+    forget(sub, error);
+    report(error);
+    safely(onUnsubscribed, topic, why);
+  }
+
+  // -- messages
+
+  function delivered(frame) {
+    const message = { topic: frame.topic, id: frame.id, ts: frame.ts, data: frame.data };
+    if ("offset" in frame) message.offset = frame.offset;
+    if ("epoch" in frame) message.epoch = frame.epoch;
+    const sub = typeof frame.topic === "string" ? subscriptions.get(frame.topic) : undefined;
+    const position = positionOf(frame);
+    if (sub !== undefined && position !== null && !track(sub, position)) return;
+    safely(onMessage, message);
+  }
+
+  // Follow an exact topic's position; false for a message already handed over.
+  function track(sub, position) {
+    const last = sub.position;
+    const sameEpoch = last !== null && last.epoch === position.epoch;
+    if (sub.state !== "active") {
+      // Through an overlapping pattern while (re)subscribing: a resume may send it again.
+      if (sameEpoch && position.offset > last.offset) {
+        if (sub.early === null) sub.early = new Set();
+        if (sub.early.size < MAX_EARLY) sub.early.add(position.offset);
+      }
+      return true;
+    }
+    if (sameEpoch && position.offset <= last.offset) return false; // a repeat
+    sub.position = position;
+    if (last !== null && !sameEpoch) {
+      // The topic's history was lost (server restart, ...) since what was seen last.
+      sub.early = null;
+      safely(onRecover, sub.topic, { recovered: false, offset: position.offset, epoch: position.epoch });
+      return true;
+    }
+    if (sub.early !== null && sub.early.delete(position.offset)) {
+      if (sub.early.size === 0) sub.early = null;
+      return false; // handed over already, ahead of the resume
+    }
+    return true;
+  }
+
+  // -- the connection
 
   // A lost connection: an unsubscribe is done (nothing is subscribed any more),
   // a subscribe is sent again after the reconnect, a publish may or may not have happened.
@@ -150,11 +372,12 @@ export function connect(options = {}) {
       "connection_lost",
       "the connection was lost before the server answered; a publish may or may not have happened",
     );
-    for (const { resolve, reject, op } of pending.values()) {
-      if (op === "unsubscribe") resolve();
-      else reject(lost);
-    }
+    const entries = [...pending.values()];
     pending.clear();
+    for (const { ok, fail, op } of entries) {
+      if (op === "unsubscribe") ok({});
+      else fail(lost);
+    }
   }
 
   function describe(error) {
@@ -207,7 +430,7 @@ export function connect(options = {}) {
     }
     if (message === null || typeof message !== "object" || Array.isArray(message)) return;
     switch (message.op) {
-      case "welcome":
+      case "welcome": {
         if (socket.protocol !== SUBPROTOCOL) {
           report(new SecurePubError("bad_frame", "the server did not accept " + SUBPROTOCOL));
           socket.close(1000);
@@ -216,27 +439,29 @@ export function connect(options = {}) {
         session = { session: message.session, user: message.user };
         attempt = 0;
         setState("open", session);
-        for (const topic of topics) sendSubscribe(topic);
+        // Resumes first: the server then holds back what an overlapping pattern would
+        // deliver of those topics until their missed messages have been sent.
+        const all = [...subscriptions.values()];
+        for (const sub of all) if (sub.position !== null) sendSubscribe(sub);
+        for (const sub of all) if (sub.position === null) sendSubscribe(sub);
         break;
+      }
       case "message":
-        try {
-          onMessage({ topic: message.topic, id: message.id, ts: message.ts, data: message.data });
-        } catch (e) {
-          console.error(e);
-        }
+        delivered(message);
+        break;
+      case "unsubscribed":
+        ended(message.topic, message.reason);
         break;
       case "ok":
       case "error": {
         const entry = pending.get(message.id);
         if (entry === undefined) {
-          if (message.op === "error") {
-            report(new SecurePubError(String(message.code), String(message.message)));
-          }
+          if (message.op === "error") report(errorOf(message));
           return;
         }
         pending.delete(message.id);
-        if (message.op === "ok") entry.resolve();
-        else entry.reject(new SecurePubError(String(message.code), String(message.message)));
+        if (message.op === "ok") entry.ok(message);
+        else entry.fail(errorOf(message));
         break;
       }
       default:
@@ -248,14 +473,19 @@ export function connect(options = {}) {
     socket = null;
     session = null;
     failPending();
+    for (const sub of subscriptions.values()) {
+      stopRetry(sub);
+      sub.state = "idle";
+      sub.redo = false;
+    }
     if (closedByUser) {
       setState("closed", { code });
       return;
     }
     if (FATAL_CLOSE_CODES.includes(code)) {
       report(new SecurePubError("closed", "the server closed the connection (" + code + " " + reason + ")"));
-      for (const topic of [...waiting.keys()]) {
-        settleWaiting(topic, new SecurePubError("closed", "the connection is closed"));
+      for (const sub of subscriptions.values()) {
+        settle(sub, new SecurePubError("closed", "the connection is closed"));
       }
       setState("closed", { code });
       return;
@@ -263,15 +493,12 @@ export function connect(options = {}) {
     scheduleReconnect(code);
   }
 
-  // Exponential backoff with jitter: a random delay between half and all of
-  // min(maxDelay, initialDelay * 2^attempt), so many pages do not return in step.
   function scheduleReconnect(code) {
     if (closedByUser) {
       setState("closed", {});
       return;
     }
-    const ceiling = Math.min(maxDelay, initialDelay * 2 ** Math.min(attempt, 20));
-    const delay = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    const delay = backoff(initialDelay, maxDelay, attempt);
     attempt += 1;
     setState("reconnecting", { delay, code });
     timer = setTimeout(open, delay);
@@ -288,28 +515,40 @@ export function connect(options = {}) {
       return session;
     },
 
-    /** Subscribe now and after every reconnect; resolves once the server said ok. */
+    /**
+     * Subscribe now and after every reconnect; resolves once the server said ok, with
+     * {offset, epoch, recovered}: the topic's position on a topic with history (the
+     * last offset handed over, if already subscribed), else undefined.
+     */
     subscribe(topic) {
       if (closedByUser) return Promise.reject(new SecurePubError("closed", "the client is closed"));
       if (typeof topic !== "string") return Promise.reject(new TypeError("a topic is a string"));
-      const already = topics.has(topic) && !waiting.has(topic);
-      topics.add(topic);
-      if (already && state === "open") return request({ op: "subscribe", topic });
-      const promise = new Promise((resolve, reject) => {
-        const list = waiting.get(topic) || [];
-        list.push({ resolve, reject });
-        waiting.set(topic, list);
-      });
-      if (state === "open" && waiting.get(topic).length === 1) sendSubscribe(topic);
+      let sub = subscriptions.get(topic);
+      if (sub === undefined) {
+        sub = newSubscription(topic);
+        subscriptions.set(topic, sub);
+      }
+      if (sub.state === "active") {
+        const position = sub.position;
+        return Promise.resolve({
+          offset: position ? position.offset : undefined,
+          epoch: position ? position.epoch : undefined,
+          recovered: undefined,
+        });
+      }
+      const promise = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
+      if (sub.state === "idle") sendSubscribe(sub);
       return promise;
     },
 
     /** Stop receiving a topic, now and after reconnects. */
     unsubscribe(topic) {
-      topics.delete(topic);
-      settleWaiting(topic, new SecurePubError("unsubscribed", "unsubscribed before it was subscribed"));
+      const sub = subscriptions.get(topic);
+      if (sub !== undefined) {
+        forget(sub, new SecurePubError("unsubscribed", "unsubscribed before it was subscribed"));
+      }
       if (state !== "open") return Promise.resolve();
-      return request({ op: "unsubscribe", topic });
+      return ask({ op: "unsubscribe", topic });
     },
 
     /** Publish while open; resolves on ok, rejects on error or if the connection is lost. */
@@ -318,7 +557,7 @@ export function connect(options = {}) {
       if (state !== "open") {
         return Promise.reject(new SecurePubError("not_connected", "not connected; try again when open"));
       }
-      return request({ op: "publish", topic, data });
+      return ask({ op: "publish", topic, data });
     },
 
     /** Close for good: no more reconnects; what is still pending is rejected. */
@@ -327,8 +566,10 @@ export function connect(options = {}) {
       closedByUser = true;
       if (timer !== null) clearTimeout(timer);
       timer = null;
-      for (const topic of [...waiting.keys()]) {
-        settleWaiting(topic, new SecurePubError("closed", "the client is closed"));
+      for (const sub of subscriptions.values()) {
+        stopRetry(sub);
+        sub.state = "idle";
+        settle(sub, new SecurePubError("closed", "the client is closed"));
       }
       const ws = socket;
       socket = null;

@@ -39,12 +39,51 @@ function showMessage(message) {
   item.dataset.topic = String(message.topic);
   item.dataset.id = String(message.id);
   const time = typeof message.ts === "number" ? new Date(message.ts * 1000).toLocaleTimeString() : "";
-  item.append(
-    element("span", "topic", String(message.topic)),
-    element("span", "time", time),
-    element("span", "data", JSON.stringify(message.data)),
-  );
+  item.append(element("span", "topic", String(message.topic)));
+  if (message.offset !== undefined) {
+    // On a topic with history: its place in the topic's order.
+    item.dataset.offset = String(message.offset);
+    item.dataset.epoch = String(message.epoch);
+    item.append(element("span", "offset", "#" + String(message.offset)));
+  }
+  item.append(element("span", "time", time), element("span", "data", JSON.stringify(message.data)));
   prepend($("messages"), item);
+}
+
+function byTopic(listId, topic) {
+  return document.querySelector("#" + listId + ' li[data-topic="' + CSS.escape(topic) + '"]');
+}
+
+// Where each topic with history stands: "live" once subscribed, then after each
+// resubscription that resumed from the last offset seen, whether the missed
+// messages were sent ("recovered") or lost ("must refetch").
+function showStatus(topic, status, offset) {
+  let item = byTopic("recovery", topic);
+  if (!item) {
+    item = element("li");
+    item.dataset.topic = topic;
+    $("recovery").append(item);
+  }
+  item.dataset.status = status;
+  item.className = status === "must refetch" ? "error" : "";
+  item.textContent = topic + ": " + status + (offset === undefined ? "" : " (at offset " + offset + ")");
+}
+
+function showRecovery(topic, { recovered, offset }) {
+  showStatus(topic, recovered ? "recovered" : "must refetch", offset);
+  logEvent(
+    recovered
+      ? "resumed " + topic + ": every missed message is sent again"
+      : "resumed " + topic + ": messages were lost, the application must refetch its state",
+    !recovered,
+  );
+}
+
+function forgetTopic(topic) {
+  for (const listId of ["subscriptions", "recovery"]) {
+    const item = byTopic(listId, topic);
+    if (item) item.remove();
+  }
 }
 
 function addSubscription(topic) {
@@ -58,7 +97,7 @@ function addSubscription(topic) {
       () => logEvent("unsubscribed from " + topic),
       (error) => logEvent("unsubscribe " + topic + ": " + error.code + ": " + error.message, true),
     );
-    item.remove();
+    forgetTopic(topic);
   });
   item.append(button);
   $("subscriptions").append(item);
@@ -67,6 +106,11 @@ function addSubscription(topic) {
 const client = connect({
   getTicket,
   onMessage: showMessage,
+  onRecover: showRecovery,
+  onUnsubscribed: (topic, reason) => {
+    logEvent("the server ended the subscription to " + topic + " (" + reason + ")", true);
+    forgetTopic(topic);
+  },
   onError: (error) => logEvent(error.code + ": " + error.message, true),
   onStateChange: (state, detail) => {
     const label = $("state");
@@ -81,14 +125,15 @@ const client = connect({
 window.securepubDemo = client; // for the console and for tests
 
 function subscribe(topic) {
-  const already = document.querySelector('#subscriptions li[data-topic="' + CSS.escape(topic) + '"]');
-  if (!already) addSubscription(topic);
+  if (!byTopic("subscriptions", topic)) addSubscription(topic);
   client.subscribe(topic).then(
-    () => logEvent("subscribed to " + topic),
+    ({ offset }) => {
+      logEvent("subscribed to " + topic + (offset === undefined ? "" : " at offset " + offset));
+      if (offset !== undefined && !byTopic("recovery", topic)) showStatus(topic, "live", offset);
+    },
     (error) => {
       logEvent("subscribe " + topic + ": " + error.code + ": " + error.message, true);
-      const item = document.querySelector('#subscriptions li[data-topic="' + CSS.escape(topic) + '"]');
-      if (item) item.remove();
+      forgetTopic(topic);
     },
   );
 }
