@@ -25,10 +25,10 @@ from securepub.engines.memory.history import HistorySweeper, MemoryHistory
 from securepub.engines.memory.presence import MemoryPresence
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.engines.redis.codec import Codec
-from securepub.engines.redis.fanout import CHANNEL, RedisFanout
+from securepub.engines.redis.fanout import RedisFanout
 from securepub.engines.redis.history import RedisHistory
-from securepub.engines.redis.link import RedisLink
 from securepub.engines.redis.presence import PresenceKeeper, RedisPresence
+from securepub.engines.redis.shards import Shard, Shards
 from securepub.engines.redis.tickets import RedisTicketStore
 from securepub.ops.metrics import Metrics
 from securepub.server.api import (
@@ -72,7 +72,7 @@ class Node:
             limits.max_message_bytes, limits.max_json_depth, settings.topics
         )
         self.metrics = Metrics()
-        self.redis_links: list[RedisLink] = []
+        self.shards: Shards | None = None
         self.history_memory: MemoryHistory | None = None
         self.redis_presence: RedisPresence | None = None
         self._services: list[Service] = []
@@ -80,7 +80,7 @@ class Node:
         fanout: IFanout
         history: IHistory
         presence: IPresence
-        if settings.redis is None:
+        if not settings.redis:
             self.tickets: ITicketStore = MemoryTicketStore(reactor)
             self.history_memory = MemoryHistory(reactor, limits.max_history_bytes)
             history = self.history_memory
@@ -89,30 +89,24 @@ class Node:
             presence = MemoryPresence()
         else:
             codec = Codec(limits.max_frame_bytes, settings.cluster_signer)
-            commands = RedisLink(
+            self.shards = shards = Shards(
                 reactor,
                 settings.redis,
-                "commands",
-                metrics=self.metrics,
-                on_connected=lambda: self._commands_connected(),
+                self.metrics,
+                on_message=lambda shard, channel, message: self._redis_fanout.received(
+                    shard, channel, message
+                ),
+                on_connected=self._redis_connected,
             )
-            redis_fanout = RedisFanout(commands, codec, reactor)
-            messages = RedisLink(
-                reactor,
-                settings.redis,
-                "messages",
-                channel=CHANNEL,
-                on_message=redis_fanout.received,
-                metrics=self.metrics,
-                on_connected=redis_fanout.connected,
+            self._redis_fanout = RedisFanout(shards, codec, reactor)
+            fanout = self._redis_fanout
+            self._services.extend(shards.services())
+            self.tickets = RedisTicketStore(
+                [(shard.name, shard.commands) for shard in shards.all], reactor
             )
-            self.redis_links = [commands, messages]
-            self._services.extend(self.redis_links)
-            self.tickets = RedisTicketStore(commands, reactor)
-            history = RedisHistory(commands, codec, reactor)
-            fanout = redis_fanout
+            history = RedisHistory(shards, codec, reactor)
             self.redis_presence = RedisPresence(
-                commands, codec, reactor, self.ids, self.validator.announces_join_leave
+                shards, codec, reactor, self.ids, self.validator.announces_join_leave
             )
             presence = self.redis_presence
             self._services.append(PresenceKeeper(self.redis_presence, reactor))
@@ -168,10 +162,17 @@ class Node:
             parsePOSTFormSubmission=False,
         )
 
-    def _commands_connected(self) -> None:
-        """The commands link is (back) up: write this node's presence back to Redis."""
-        if self.redis_presence is not None:
-            self.redis_presence.restore()
+    def _redis_connected(self, shard: Shard, link: str) -> None:
+        """A link to one Redis server is (back) up.
+
+        Its commands link: this node's presence there is written back. Its
+        pub/sub link (which subscribed again what the sessions want): what
+        it missed meanwhile is filled from history.
+        """
+        if link == "commands" and self.redis_presence is not None:
+            self.redis_presence.restore(shard)
+        elif link == "messages":
+            self._redis_fanout.connected(shard)
 
     def services(self) -> list[Service]:
         """Services to run beside the listener: the Redis links, or the history sweeper."""
@@ -232,19 +233,33 @@ class Node:
                 "Topics evicted from history over max_history_bytes (since start).",
                 lambda: memory.evicted,
             )
-        if self.redis_links:
+        shards = self.shards
+        if shards is not None:
             gauge(
                 "redis_up",
-                "1 while every Redis link is connected.",
-                lambda: float(self.health_problem() is None),
+                "1 while both links to a Redis server are connected.",
+                lambda: {(s.name,): float(s.is_up()) for s in shards.all},
+                labels=("server",),
+            )
+            gauge(
+                "redis_channels",
+                "Pub/sub channels this node holds on each Redis server.",
+                lambda: {(s.name,): float(s.subscriber.channels()) for s in shards.all},
+                labels=("server",),
             )
 
     def health_problem(self) -> str | None:
-        """Why this node cannot serve now, or None (``/healthz``)."""
-        down = [link.role for link in self.redis_links if not link.is_connected()]
-        if down:
-            return "redis unreachable (" + ", ".join(down) + " link down)"
-        return None
+        """Why this node cannot serve now, or None (``/healthz``).
+
+        With several Redis servers the node serves while any is up: what
+        hashes to a server that is down answers 503 on its own.
+        """
+        if self.shards is None:
+            return None
+        if any(shard.is_up() for shard in self.shards.all):
+            return None
+        names = ", ".join(shard.name for shard in self.shards.all)
+        return f"redis unreachable ({names})"
 
     def _prepare(self, frame: bytes) -> Any:
         return self.factory.prepareMessage(frame)
@@ -252,7 +267,7 @@ class Node:
     def warnings(self) -> list[str]:
         """Start-time warnings about a configuration that works but may surprise."""
         found = []
-        if self.settings.redis is not None and self.settings.cluster_signer is None:
+        if self.settings.redis and self.settings.cluster_signer is None:
             found.append(
                 "redis is set without cluster_secret_file: messages between nodes are "
                 "not signed, so anyone who can write to Redis can publish to browsers"

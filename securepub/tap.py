@@ -43,7 +43,6 @@ class Options(usage.Options):
         ["key", None, None, "PEM private key."],
         ["client-ca", None, None, "CA whose client certificates may call the backend API."],
         ["api-key-file", None, None, "Backend API keys, one per line."],
-        ["redis", None, None, "redis:// or rediss:// URL for a multi-node cluster."],
         [
             "redis-ca",
             None,
@@ -63,6 +62,17 @@ class Options(usage.Options):
             "Write every security decision as one JSON line to this file (rotated by size).",
         ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["redis"] = None
+
+    def opt_redis(self, url: str) -> None:
+        """redis:// or rediss:// URL for a multi-node cluster; repeat it for several
+        servers sharing the load."""
+        if self["redis"] is None:
+            self["redis"] = []
+        self["redis"].append(url)
 
 
 def _fail(message: str) -> None:

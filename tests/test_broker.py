@@ -203,6 +203,12 @@ class RecordingFanout:
     def start(self, receiver: IReceiver) -> None:
         self.receiver = receiver
 
+    def watch(self, pattern: Pattern) -> Deferred[None]:
+        return succeed(None)
+
+    def unwatch(self, pattern: Pattern) -> None:
+        pass
+
     def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
         self.receiver.disconnect_local(user)
         return succeed(None)

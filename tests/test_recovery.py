@@ -69,6 +69,12 @@ class LaggyEngine:
         self.in_flight.append(numbered)
         return succeed(Position(self.top, self.epoch))
 
+    def watch(self, pattern: Pattern) -> Deferred[None]:
+        return succeed(None)
+
+    def unwatch(self, pattern: Pattern) -> None:
+        pass
+
     def disconnect(self, user: str, message_id: str, ts: float) -> Deferred[None]:
         return succeed(None)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -18,17 +19,21 @@ from securepub.core.errors import ConfigError, RequestError
 from securepub.core.history import Publication
 from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused, token_key
 from securepub.core.topics import Pattern
+from securepub.engines.redis.channels import channel_for_pattern, channels_for_topic
 from securepub.engines.redis.codec import Codec
-from securepub.engines.redis.fanout import CHANNEL, RedisFanout
+from securepub.engines.redis.fanout import FANOUT_SCRIPT, RedisFanout
 from securepub.engines.redis.link import IRedisLink, RedisLink, RedisTarget, RedisUnavailable
+from securepub.engines.redis.ring import Ring
+from securepub.engines.redis.shards import Shards
 from securepub.engines.redis.signing import ClusterSigner
 from securepub.engines.redis.tickets import (
-    ISSUE_SCRIPT,
+    ISSUE,
     KEY_PREFIX,
     USED_PREFIX,
     USER_PREFIX,
     RedisTicketStore,
 )
+from securepub.ops.metrics import Metrics
 
 
 @implementer(IRedisLink)
@@ -94,7 +99,9 @@ class RedisTicketStoreTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(100)
         self.redis = FakeRedisLink()
-        self.store = RedisTicketStore(self.redis, self.clock, randbytes=lambda n: b"\x01" * n)
+        self.store = RedisTicketStore(
+            [("r", self.redis)], self.clock, randbytes=lambda n: b"\x01" * n
+        )
 
     def issue(self, t: Ticket | None = None) -> str:
         d = self.store.issue(t or ticket())
@@ -116,7 +123,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
         indexed under its user's hash for revocation."""
         token = self.issue()
         [(command, script, nkeys, key, user_key, value, ttl)] = self.redis.commands
-        self.assertEqual((command, script, nkeys, ttl), ("EVAL", ISSUE_SCRIPT, 2, 30000))
+        self.assertEqual((command, script, nkeys, ttl), ("EVALSHA", ISSUE.sha, 2, 30000))
         self.assertEqual(key, KEY_PREFIX + token_key(token).hex())
         self.assertTrue(user_key.startswith(USER_PREFIX))
         self.assertNotIn("alice", user_key)
@@ -139,7 +146,7 @@ class RedisTicketStoreTests(SynchronousTestCase):
         value = self.redis.commands[0][5]
         d = self.store.redeem(token, "203.0.113.7")
         command, _, nkeys, key, used = self.redis.commands[1]
-        self.assertEqual((command, nkeys), ("EVAL", 2))
+        self.assertEqual((command, nkeys), ("EVALSHA", 2))
         digest = token_key(token).hex()
         self.assertEqual((key, used), (KEY_PREFIX + digest, USED_PREFIX + digest))
         self.redis.pending[1].callback([1, value])
@@ -207,12 +214,42 @@ class RedisTicketStoreTests(SynchronousTestCase):
         self.failureResultOf(d, StoreUnavailable)
 
 
+class FakeSubscriber:
+    """Counts watches per channel, as the real pub/sub link's reference counts do."""
+
+    def __init__(self) -> None:
+        self.watched: Counter[str] = Counter()
+        self.held: list[str] = []
+
+    def watch(self, channel: str) -> Deferred[None]:
+        self.watched[channel] += 1
+        return succeed(None)
+
+    def unwatch(self, channel: str) -> None:
+        self.watched[channel] -= 1
+
+    def hold(self, channel: str) -> None:
+        self.held.append(channel)
+
+
+def fake_shards(links: list[FakeRedisLink]) -> Shards:
+    """Real shards (ring and all) whose links are fakes."""
+    targets = [RedisTarget("127.0.0.1", 7000 + n) for n in range(len(links))]
+    shards = Shards(MemoryReactorClock(), targets, Metrics(), lambda *a: None, lambda *a: None)
+    for shard, link in zip(shards.all, links, strict=True):
+        shard.commands = link  # type: ignore[assignment]
+        shard.subscriber = FakeSubscriber()  # type: ignore[assignment]
+    return shards
+
+
 class RedisFanoutTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.redis = FakeRedisLink()
         self.clock = Clock()
         self.clock.advance(1000)
-        self.fanout = RedisFanout(self.redis, Codec(100), clock=self.clock)
+        self.shards = fake_shards([self.redis])
+        self.shard = self.shards.all[0]
+        self.fanout = RedisFanout(self.shards, Codec(100), clock=self.clock)
         self.receiver = Receiver()
         self.delivered = self.receiver.delivered
         self.disconnected = self.receiver.disconnected
@@ -221,15 +258,23 @@ class RedisFanoutTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def test_publish_goes_to_the_channel(self) -> None:
-        """A publish is one PUBLISH on the cluster channel; the id comes back on success."""
+    def receive(self, message: str, channel: str = "securepub:t:news.a") -> None:
+        self.fanout.received(self.shard, channel, message)
+
+    def test_publish_goes_to_the_topics_channels_in_one_script(self) -> None:
+        """One script publishes on the exact channel, the root and each prefix channel."""
         d = self.fanout.publish(Publication("news.a", "n1-1", 5.5, '{"k":1}'), None)
-        self.assertEqual(
-            self.redis.commands, [("PUBLISH", CHANNEL, '1\nnews.a\nn1-1\n5.5\n{"k":1}')]
-        )
+        [(command, sha, nkeys, message, *channels)] = self.redis.commands
+        self.assertEqual((command, sha, nkeys), ("EVALSHA", FANOUT_SCRIPT.sha, 0))
+        self.assertEqual(message, '1\nnews.a\nn1-1\n5.5\n{"k":1}')
+        self.assertEqual(channels, ["securepub:t:news.a", "securepub:p:", "securepub:p:news"])
         self.assertNoResult(d)
-        self.redis.pending[0].callback(2)
+        self.redis.pending[0].callback(1)
         self.successResultOf(d)
+
+    def test_the_control_channel_is_held_everywhere(self) -> None:
+        """Every node holds the control channel on every server (disconnections)."""
+        self.assertEqual(self.shard.subscriber.held, ["securepub:control"])  # type: ignore[attr-defined]
 
     def test_publish_unavailable(self) -> None:
         """While Redis is down a publish fails with 'unavailable' and nothing is sent."""
@@ -240,10 +285,11 @@ class RedisFanoutTests(SynchronousTestCase):
         self.assertEqual(f.value.code, "unavailable")
 
     def test_round_trip(self) -> None:
-        """A message that arrives on the channel is delivered here as it was sent."""
-        self.fanout.received(CHANNEL, encode("news.a", "n1-1", 5.5, '{"k":"a\\nb"}'))
+        """A message that arrives is delivered here as it was sent, once per id."""
+        self.receive(encode("news.a", "n1-1", 5.5, '{"k":"a\\nb"}'))
+        self.receive(encode("news.a", "n1-1", 5.5, '{"k":"a\\nb"}'), "securepub:p:news")
         self.assertEqual(self.delivered, [("news.a", "n1-1", 5.5, '{"k":"a\\nb"}')])
-        self.fanout.received(CHANNEL, encode("news.a", "n1-1", 5.5, "1", SIGNER))
+        self.receive(encode("news.a", "n1-2", 5.5, "1", SIGNER))
         self.assertEqual(len(self.delivered), 1)
 
     def test_untrusted_input_dropped(self) -> None:
@@ -253,18 +299,116 @@ class RedisFanoutTests(SynchronousTestCase):
             "2\nnews.a\nid\n1.0\n1",
             "1\nnews.*\nid\n1.0\n1",
             "1\nnews.a\nbad id!\n1.0\n1",
-            "1\nnews.a\nid\nnan\n1",
-            "1\nnews.a\nid\nsoon\n1",
-            "1\nnews.a\nid\n1.0\n<script>",
-            '1\nnews.a\nid\n1.0\n{"a":1,"a":2}',
-            "1\nnews.a\nid\n1.0\n" + '"' + "x" * 200 + '"',
+            "1\nnews.a\nid-1\nnan\n1",
+            "1\nnews.a\nid-2\nsoon\n1",
+            "1\nnews.a\nid-3\n1.0\n<script>",
+            '1\nnews.a\nid-4\n1.0\n{"a":1,"a":2}',
+            "1\nnews.a\nid-5\n1.0\n" + '"' + "x" * 200 + '"',
+            "H 5\n1\nnews.a\nid-6\n1.0\n1",
+            "H 0 e\n1\nnews.a\nid-7\n1.0\n1",
+            "H 5 bad epoch!\n1\nnews.a\nid-8\n1.0\n1",
         ]
         for message in bad:
-            self.fanout.received(CHANNEL, message)
-        self.fanout.received("other-channel", encode("news.a", "i", 1.0, "1"))
+            self.receive(message)
         self.assertEqual(self.delivered, [])
         dropped = [e for e in self.events if e.get("securepub_event") == "cluster_message_dropped"]
         self.assertEqual(len(dropped), len(bad))
+
+    def test_watch_maps_subscriptions_to_channels(self) -> None:
+        """An exact topic watches its own channel; a pattern its literal prefix's."""
+        cases = {
+            "news.a": "securepub:t:news.a",
+            "news.*": "securepub:p:news",
+            "user.alice.>": "securepub:p:user.alice",
+            "a.*.c": "securepub:p:a",
+            "*.x": "securepub:p:",
+            ">": "securepub:p:",
+        }
+        for text, channel in cases.items():
+            pattern = Pattern.parse(text)
+            self.successResultOf(self.fanout.watch(pattern))
+            self.assertEqual(self.shard.subscriber.watched[channel], 1, text)  # type: ignore[attr-defined]
+            self.fanout.unwatch(pattern)
+            self.assertEqual(self.shard.subscriber.watched[channel], 0, text)  # type: ignore[attr-defined]
+
+    def test_prefix_channels_cover_every_match(self) -> None:
+        """Each topic a pattern matches is published on the pattern's channel."""
+        for pattern_text, topic in (
+            ("news.*", "news.a"),
+            ("news.>", "news.a.b"),
+            ("user.alice.>", "user.alice.x.y"),
+            ("*.x", "a.x"),
+            (">", "a"),
+            ("a.*.c", "a.b.c"),
+        ):
+            channel = channel_for_pattern(Pattern.parse(pattern_text))
+            self.assertIn(channel, channels_for_topic(topic), (pattern_text, topic))
+
+
+class ShardingTests(SynchronousTestCase):
+    def test_ring_is_stable_and_spreads(self) -> None:
+        """Every node places keys alike whatever the order; two servers share the keys."""
+        a = Ring([("x", "X"), ("y", "Y")])
+        b = Ring([("y", "Y"), ("x", "X")])
+        keys = [f"topic.{n}".encode() for n in range(2000)]
+        self.assertEqual([a.for_key(k) for k in keys], [b.for_key(k) for k in keys])
+        share = sum(a.for_key(k) == "X" for k in keys) / len(keys)
+        self.assertTrue(0.35 < share < 0.65, share)
+        moved = Ring([("x", "X"), ("y", "Y"), ("z", "Z")])
+        kept = sum(moved.for_key(k) == a.for_key(k) for k in keys) / len(keys)
+        self.assertGreater(kept, 0.55)
+
+    def test_topics_publish_on_their_own_server(self) -> None:
+        """A topic's publishes go to the server the ring names, and only there."""
+        links = [FakeRedisLink(), FakeRedisLink()]
+        shards = fake_shards(links)
+        fanout = RedisFanout(shards, Codec(100), clock=Clock())
+        fanout.start(Receiver())
+        for n in range(40):
+            topic = f"user.u{n}.inbox"
+            fanout.publish(Publication(topic, f"n-{n}", 1.0, "1"), None)
+            home = shards.for_topic(topic).index
+            self.assertEqual(links[home].commands[-1][4], f"securepub:t:{topic}")
+        self.assertTrue(links[0].commands and links[1].commands)
+
+    def test_patterns_watch_every_server_exact_topics_one(self) -> None:
+        """A wildcard pattern needs its channel on every server; an exact topic on its own."""
+        links = [FakeRedisLink(), FakeRedisLink()]
+        shards = fake_shards(links)
+        fanout = RedisFanout(shards, Codec(100), clock=Clock())
+        fanout.watch(Pattern.parse("news.*"))
+        fanout.watch(Pattern.parse("news.a"))
+        watched = [s.subscriber.watched for s in shards.all]  # type: ignore[attr-defined]
+        self.assertEqual([w["securepub:p:news"] for w in watched], [1, 1])
+        self.assertEqual(sum(w["securepub:t:news.a"] for w in watched), 1)
+
+    def test_tickets_are_drawn_again_when_their_server_is_down(self) -> None:
+        """A new ticket avoids a server that is down; redemption goes to the ticket's server."""
+        links = [FakeRedisLink(), FakeRedisLink()]
+        links[0].connected = False
+        store = RedisTicketStore([("x", links[0]), ("y", links[1])], Clock())
+        for _ in range(10):
+            d = store.issue(ticket(expires_at=10**9))
+            links[1].pending[-1].callback(1)
+            token = self.successResultOf(d)
+            redeemed = store.redeem(token, "203.0.113.7")
+            self.assertEqual(links[1].commands[-1][0], "EVALSHA")
+            links[1].pending[-1].callback([0])
+            self.failureResultOf(redeemed, TicketRefused)
+        self.assertEqual(links[0].commands, [])
+
+    def test_revocation_asks_every_server(self) -> None:
+        """revoke_user runs on every server and sums what each revoked."""
+        links = [FakeRedisLink(), FakeRedisLink()]
+        store = RedisTicketStore([("x", links[0]), ("y", links[1])], Clock())
+        d = store.revoke_user("alice")
+        links[0].pending[0].callback(2)
+        links[1].pending[0].callback(1)
+        self.assertEqual(self.successResultOf(d), 3)
+        d = store.revoke_user("alice")
+        links[0].pending[1].callback(1)
+        links[1].pending[1].errback(RedisUnavailable("down"))
+        self.failureResultOf(d, StoreUnavailable)
 
 
 class RedisTargetTests(SynchronousTestCase):
@@ -297,42 +441,57 @@ class SignedFanoutTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1000)
         self.redis = FakeRedisLink()
-        self.fanout = RedisFanout(self.redis, Codec(100, SIGNER), clock=self.clock)
+        self.shards = fake_shards([self.redis])
+        self.fanout = RedisFanout(self.shards, Codec(100, SIGNER), clock=self.clock)
         self.receiver = Receiver()
         self.delivered = self.receiver.delivered
         self.fanout.start(self.receiver)
 
+    def receive(self, message: str) -> None:
+        self.fanout.received(self.shards.all[0], "securepub:t:news.a", message)
+
     def test_publish_is_signed(self) -> None:
         """What a node publishes carries an HMAC another node accepts."""
         self.fanout.publish(Publication("news.a", "n1-1", 1000.0, "[1]"), None)
-        self.fanout.received(CHANNEL, self.redis.commands[0][2])
+        message = self.redis.commands[0][3]
+        self.receive(message)
         self.assertEqual(self.delivered, [("news.a", "n1-1", 1000.0, "[1]")])
-        self.assertTrue(self.redis.commands[0][2].startswith("2\n"))
+        self.assertTrue(message.startswith("2\n"))
 
     def test_forgeries_dropped(self) -> None:
         """Unsigned, wrongly keyed and tampered messages reach no one."""
         other = ClusterSigner(b"x" * 32)
         good = encode("news.a", "n1-1", 1000.0, "1", SIGNER)
         for message in (
-            encode("news.a", "n1-1", 1000.0, "1"),
-            encode("news.a", "n1-1", 1000.0, "1", other),
+            encode("news.a", "n1-2", 1000.0, "1"),
+            encode("news.a", "n1-3", 1000.0, "1", other),
             good.replace("news.a", "news.b"),
             good.replace("\n1", "\n2")[:-1] + "2",
-            "2\n\nnews.a\nn1-1\n1000.0\n1",
+            "2\n\nnews.a\nn1-4\n1000.0\n1",
         ):
-            self.fanout.received(CHANNEL, message)
+            self.receive(message)
         self.assertEqual(self.delivered, [])
 
     def test_replays_dropped(self) -> None:
         """A message seen before, an older number from a node, or a stale one is dropped."""
         first = encode("news.a", "n1-5", 1000.0, "1", SIGNER)
-        self.fanout.received(CHANNEL, first)
-        self.fanout.received(CHANNEL, first)
-        self.fanout.received(CHANNEL, encode("news.a", "n1-4", 1000.0, "1", SIGNER))
-        self.fanout.received(CHANNEL, encode("news.a", "n2-1", 1000.0 - 61, "1", SIGNER))
-        self.fanout.received(CHANNEL, encode("news.a", "n2-2", 1000.0 + 61, "1", SIGNER))
-        self.fanout.received(CHANNEL, encode("news.a", "n1-6", 1000.0 + 60, "1", SIGNER))
+        self.receive(first)
+        self.receive(first)
+        self.receive(encode("news.a", "n1-4", 1000.0, "1", SIGNER))
+        self.receive(encode("news.a", "n2-1", 1000.0 - 61, "1", SIGNER))
+        self.receive(encode("news.a", "n2-2", 1000.0 + 61, "1", SIGNER))
+        self.receive(encode("news.a", "n1-6", 1000.0 + 60, "1", SIGNER))
         self.assertEqual([d[1] for d in self.delivered], ["n1-5", "n1-6"])
+
+    def test_numbers_grow_per_server_not_across_servers(self) -> None:
+        """A node's messages through two servers may interleave: each server counts apart."""
+        shards = fake_shards([FakeRedisLink(), FakeRedisLink()])
+        fanout = RedisFanout(shards, Codec(100, SIGNER), clock=self.clock)
+        receiver = Receiver()
+        fanout.start(receiver)
+        fanout.received(shards.all[1], "c", encode("news.a", "n1-7", 1000.0, "1", SIGNER))
+        fanout.received(shards.all[0], "c", encode("news.b", "n1-6", 1000.0, "1", SIGNER))
+        self.assertEqual([d[1] for d in receiver.delivered], ["n1-7", "n1-6"])
 
     def test_short_secret_refused(self) -> None:
         """A cluster secret under 32 bytes stops the start."""
@@ -342,12 +501,12 @@ class SignedFanoutTests(SynchronousTestCase):
 
 class RevocationOverRedisTests(SynchronousTestCase):
     def test_revoke_user_is_one_script(self) -> None:
-        """Revoking a user's tickets is one EVAL over the user's set."""
+        """Revoking a user's tickets is one script over the user's set."""
         redis = FakeRedisLink()
-        store = RedisTicketStore(redis, Clock())
+        store = RedisTicketStore([("r", redis)], Clock())
         d = store.revoke_user("alice")
         [(command, _, nkeys, user_key)] = redis.commands
-        self.assertEqual((command, nkeys), ("EVAL", 1))
+        self.assertEqual((command, nkeys), ("EVALSHA", 1))
         self.assertTrue(user_key.startswith(USER_PREFIX))
         redis.pending[0].callback(3)
         self.assertEqual(self.successResultOf(d), 3)
@@ -357,10 +516,13 @@ class RevocationOverRedisTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(1000)
         redis = FakeRedisLink()
-        fanout = RedisFanout(redis, Codec(100, SIGNER), clock=clock)
+        shards = fake_shards([redis])
+        fanout = RedisFanout(shards, Codec(100, SIGNER), clock=clock)
         receiver = Receiver()
         fanout.start(receiver)
         fanout.disconnect("alice", "n1-1", 1000.0)
-        fanout.received(CHANNEL, redis.commands[0][2])
-        fanout.received(CHANNEL, encode("!disconnect", "n2-1", 1000.0, '"bob"'))
+        [(command, channel, message)] = redis.commands
+        self.assertEqual((command, channel), ("PUBLISH", "securepub:control"))
+        fanout.received(shards.all[0], channel, message)
+        fanout.received(shards.all[0], channel, encode("!disconnect", "n2-1", 1000.0, '"bob"'))
         self.assertEqual((receiver.disconnected, receiver.delivered), (["alice"], []))

@@ -176,21 +176,29 @@ class SettingsTests(SynchronousTestCase):
     def test_redis_url(self) -> None:
         """redis:// and rediss:// URLs with credentials and a database are parsed."""
         s = load_settings(self.options(redis="redis://app:s%40cret@10.1.2.3:6380/2"), self.dir)
-        assert s.redis is not None
+        [redis] = s.redis
         self.assertEqual(
-            (s.redis.host, s.redis.port, s.redis.db, s.redis.username, s.redis.password),
+            (redis.host, redis.port, redis.db, redis.username, redis.password),
             ("10.1.2.3", 6380, 2, "app", "s@cret"),
         )
-        self.assertFalse(s.redis.tls)
-        self.assertNotIn("cret", repr(s) + s.redis.display())
+        self.assertFalse(redis.tls)
+        self.assertNotIn("cret", repr(s) + redis.display())
         ca = self.write("redis-ca.pem", "x")
         s = load_settings(
             self.options(redis="rediss://cache.internal", **{"redis-ca": ca}), self.dir
         )
-        assert s.redis is not None
-        self.assertEqual(
-            (s.redis.tls, s.redis.port, s.redis.db, s.redis.ca), (True, 6379, None, ca)
-        )
+        [redis] = s.redis
+        self.assertEqual((redis.tls, redis.port, redis.db, redis.ca), (True, 6379, None, ca))
+
+    def test_several_redis_servers(self) -> None:
+        """redis may list several servers: a TOML list, or the option given more than once."""
+        self.write("c.toml", 'redis = ["redis://a:6379", "rediss://b:6390/1"]\n')
+        s = load_settings(self.options(config="c.toml"), self.dir)
+        self.assertEqual([r.display() for r in s.redis], ["redis://a:6379", "rediss://b:6390/1"])
+        s = load_settings(self.options(redis=["redis://x", "redis://y"]), self.dir)
+        self.assertEqual([r.host for r in s.redis], ["x", "y"])
+        for bad in ([], ["redis://x", "redis://x"], [5]):
+            self.assertIn("redis", self.error(self.options(redis=bad)))
 
     def test_cluster_secret(self) -> None:
         """A cluster secret file is read with Redis, refused without it or when short."""

@@ -193,11 +193,12 @@ class Broker:
         """Subscribe to a topic or pattern covered by one of the session's grants.
 
         Refusals raise `RequestError` at once. ``confirm`` is called when the
-        subscription is in place, before any message of it is sent (the
-        ``ok`` goes out there); on a history topic the missed messages then
-        follow, then live ones. The Deferred fires with the same `Subscribed`,
-        or fails with ``unavailable`` when the engine could not say where the
-        topic stands (the subscription is then dropped again).
+        subscription is in place: once the engine brings this node what it
+        matches (a publish after that is never missed), and before any
+        message of it is sent (the ``ok`` goes out there); on a history topic
+        the missed messages then follow, then live ones. The Deferred fires
+        with the same `Subscribed`, or fails with ``unavailable`` when the
+        engine could not do its part (the subscription is then dropped again).
         """
         pattern = Pattern.parse(topic)
         policy = self.history_policy(pattern.text) if pattern.is_literal else None
@@ -218,14 +219,45 @@ class Broker:
                 "limit_exceeded",
                 f"at most {self._limits.max_subscriptions} subscriptions per connection",
             )
+        # Held from here (it counts toward the limit); delivered to once watched.
         session.subscriptions[pattern.text] = pattern
+        done: Deferred[Subscribed] = Deferred()
+        self._fanout.watch(pattern).addCallbacks(
+            self._watching,
+            self._not_started,
+            callbackArgs=(session, pattern, policy, since, confirm, done),
+            errbackArgs=(session, pattern, done),
+        )
+        return done
+
+    def _watching(
+        self,
+        _: object,
+        session: Session,
+        pattern: Pattern,
+        policy: HistoryPolicy | None,
+        since: Position | None,
+        confirm: Callable[[Subscribed], None] | None,
+        done: Deferred[Subscribed],
+    ) -> None:
+        """The engine now brings this node the pattern's messages: start delivering."""
+        if session.subscriptions.get(pattern.text) is not pattern:
+            # Unsubscribed (or closed) meanwhile: answer, deliver nothing.
+            subscribed = Subscribed(recovered=False if since is not None else None)
+            if session.id in self.sessions and confirm is not None:
+                confirm(subscribed)
+            done.callback(subscribed)
+            return
         self._index.add(pattern, session)
         if policy is None:
-            done = self._confirmed(Subscribed(), confirm)
+            subscribed = Subscribed()
+            if confirm is not None:
+                confirm(subscribed)
             if pattern.is_literal:
                 self._arrive(session, pattern.text)
-            return done
-        return self._start_feed(session, pattern, policy, since, confirm)
+            done.callback(subscribed)
+            return
+        self._start_feed(session, pattern, policy, since, confirm, done)
 
     @staticmethod
     def _confirmed(
@@ -242,7 +274,8 @@ class Broker:
         policy: HistoryPolicy,
         since: Position | None,
         confirm: Callable[[Subscribed], None] | None,
-    ) -> Deferred[Subscribed]:
+        done: Deferred[Subscribed],
+    ) -> None:
         topic = pattern.text
         feed = self._feeds.get(topic)
         if feed is None:
@@ -256,14 +289,12 @@ class Broker:
             read: Deferred[HistoryPage] = history.position(topic, policy).addCallback(HistoryPage)
         else:
             read = history.read(topic, policy, since.offset, policy.size)
-        done: Deferred[Subscribed] = Deferred()
         read.addCallbacks(
             self._caught_up,
             self._not_started,
             callbackArgs=(session, feed, catchup, since, confirm, done),
             errbackArgs=(session, pattern, done),
         )
-        return done
 
     def _caught_up(
         self,
@@ -315,7 +346,7 @@ class Broker:
         if session.subscriptions.get(pattern.text) is pattern:
             self._drop_subscription(session, pattern)
         if not failure.check(RequestError):
-            self._log.failure("history read failed topic={topic}", failure, topic=pattern.text)
+            self._log.failure("subscription failed topic={topic}", failure, topic=pattern.text)
             failure = Failure(RequestError("unavailable", "the cluster engine is unavailable"))
         done.errback(failure)
 
@@ -329,6 +360,7 @@ class Broker:
     def _drop_subscription(self, session: Session, pattern: Pattern) -> None:
         session.subscriptions.pop(pattern.text, None)
         self._index.remove(pattern, session)
+        self._fanout.unwatch(pattern)
         present = session.present
         if present is not None and pattern.text in present:
             present.discard(pattern.text)

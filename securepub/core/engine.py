@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from zope.interface import Interface
 
 from securepub.core.history import HistoryPage, HistoryPolicy, Position, Publication
+from securepub.core.topics import Pattern
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -55,6 +56,17 @@ class IFanout(Interface):
 
     def disconnect(user: str, message_id: str, ts: float) -> Deferred[None]:
         """Close ``user``'s sessions on every node; errbacks like `publish`."""
+
+    def watch(pattern: Pattern) -> Deferred[None]:
+        """This node wants what ``pattern`` matches; fires once that reaches the node.
+
+        A message published after it fired is delivered here. Each call, even a
+        failed one, is matched by one `unwatch`. Errbacks with
+        ``RequestError("unavailable", ...)`` when the engine cannot say so now.
+        """
+
+    def unwatch(pattern: Pattern) -> None:
+        """One want of ``pattern`` fewer on this node."""
 
 
 class IHistory(Interface):

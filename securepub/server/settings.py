@@ -104,7 +104,8 @@ class Settings:
     topics: tuple[TopicRule, ...] = ()
     dev: bool = False
     client_ca: str | None = None
-    redis: RedisTarget | None = None
+    #: The Redis servers of the cluster (none: the embedded engine).
+    redis: tuple[RedisTarget, ...] = ()
     cluster_signer: ClusterSigner | None = field(default=None, repr=False)
     audit_log: str | None = None
     proxies: ProxyPolicy = field(default_factory=lambda: ProxyPolicy(()))
@@ -303,6 +304,22 @@ def _load_schema(path: str, key: str) -> Mapping[str, Any]:
     return schema
 
 
+def _redis_targets(value: object, ca: object) -> tuple[RedisTarget, ...]:
+    """``redis``: one URL, or a list of them (several servers share the load)."""
+    if value is None:
+        return ()
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, (list, tuple)) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ConfigError("redis: expected a redis:// or rediss:// URL, or a list of them")
+    if ca is not None and not isinstance(ca, str):
+        raise ConfigError("redis_ca: expected a path")
+    targets = tuple(RedisTarget.parse(url, ca) for url in urls)
+    names = [t.display() for t in targets]
+    if len(set(names)) != len(names):
+        raise ConfigError("redis: the same server is listed twice")
+    return targets
+
+
 def _string_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}: expected a list of strings")
@@ -353,22 +370,18 @@ def load_settings(
     for key in ("cert", "key", "api_key_file"):
         if not merged.get(key):
             raise ConfigError(f"{key}: required (or use --dev for generated development files)")
-    redis = None
-    if merged.get("redis") is not None:
-        if not isinstance(merged["redis"], str):
-            raise ConfigError("redis: expected a redis:// or rediss:// URL string")
-        redis = RedisTarget.parse(merged["redis"], merged.get("redis_ca"))
-    elif merged.get("redis_ca") is not None:
+    redis = _redis_targets(merged.get("redis"), merged.get("redis_ca"))
+    if not redis and merged.get("redis_ca") is not None:
         raise ConfigError("redis_ca: only used together with redis")
     signer = None
     if merged.get("cluster_secret_file") is not None:
-        if redis is None:
+        if not redis:
             raise ConfigError("cluster_secret_file: only used together with redis")
         signer = load_cluster_secret(merged["cluster_secret_file"])
     reuse_port = bool(options.get("reuse-port")) or merged.get("reuse_port", False)
     if not isinstance(reuse_port, bool):
         raise ConfigError("reuse_port: expected true or false")
-    if reuse_port and merged.get("redis") is None:
+    if reuse_port and not redis:
         raise ConfigError("reuse_port: needs redis, which carries messages between the processes")
     policy = merged.get("origin_policy", "enforce")
     if policy not in ("enforce", "log"):
@@ -378,7 +391,7 @@ def load_settings(
         origins += (f"https://localhost:{port}", f"https://127.0.0.1:{port}")
     limits = _limits(merged.get("limits", {}))
     topics = _topic_rules(merged.get("topics", []), base)
-    if redis is None:
+    if not redis:
         _check_history_bound(topics, limits)
     if dev:
         # The demo page publishes on demo.> (after the configured rules, which win).

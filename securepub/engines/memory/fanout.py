@@ -7,6 +7,7 @@ from zope.interface import implementer
 
 from securepub.core.engine import IFanout, IReceiver
 from securepub.core.history import HistoryPolicy, Position, Publication
+from securepub.core.topics import Pattern
 from securepub.engines.memory.history import MemoryHistory
 
 
@@ -42,3 +43,10 @@ class LocalFanout:
         assert self._receiver is not None, "start() was not called"
         self._receiver.disconnect_local(user)
         return succeed(None)
+
+    def watch(self, pattern: Pattern) -> Deferred[None]:
+        """Everything published here is delivered here: nothing to wait for."""
+        return succeed(None)
+
+    def unwatch(self, pattern: Pattern) -> None:
+        pass

@@ -17,7 +17,8 @@ from securepub.core.tickets import SecondsClock
 from securepub.engines.redis.codec import Codec, Malformed, parse_offset
 from securepub.engines.redis.fanout import new_epoch
 from securepub.engines.redis.keys import checked_position, history_keys, meta_ttl
-from securepub.engines.redis.link import IRedisLink, RedisUnavailable, Script
+from securepub.engines.redis.link import RedisUnavailable, Script
+from securepub.engines.redis.shards import Shards
 
 _log = Logger()
 
@@ -52,12 +53,12 @@ class RedisHistory:
 
     def __init__(
         self,
-        commands: IRedisLink,
+        shards: Shards,
         codec: Codec,
         clock: SecondsClock,
         epochs: Callable[[], str] = new_epoch,
     ) -> None:
-        self._commands = commands
+        self._shards = shards
         self._codec = codec
         self._clock = clock
         self._epochs = epochs
@@ -75,7 +76,7 @@ class RedisHistory:
         self, topic: str, history: HistoryPolicy, since: int, limit: int
     ) -> Deferred[HistoryPage]:
         d = READ_SCRIPT.run(
-            self._commands,
+            self._shards.for_topic(topic).commands,
             history_keys(topic),
             (since + 1, limit, self._epochs(), meta_ttl(history)),
         )

@@ -139,17 +139,10 @@ class Script:
         return d.addErrback(again)
 
 
-def _backoff(attempt: int) -> float:
+def backoff(attempt: int) -> float:
     """0.5 s doubling to 10 s, with jitter so nodes do not reconnect in step."""
     delay = min(0.5 * math.pow(2, min(attempt, 10)), 10.0)
     return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not a secret
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
-    on_message: Callable[[str, str], None]
-
-    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-        self.on_message(channel, message)
 
 
 class _ProtocolFactory(Factory):
@@ -173,8 +166,6 @@ class _ProtocolFactory(Factory):
             username=target.username,
         )
         p.factory = self
-        if isinstance(p, _Subscriber):
-            p.on_message = self._link.message_received
         return p
 
     def stopTrying(self) -> None:
@@ -194,10 +185,9 @@ class _ProtocolFactory(Factory):
 
 @implementer(IRedisLink)
 class RedisLink(Service):
-    """A reconnecting link to Redis for commands, or for one subscribed channel.
+    """A reconnecting link to one Redis server for commands (txredisapi).
 
-    With ``channel`` set, the link subscribes to it on every (re)connection
-    and hands each message to ``on_message(channel, message)``.
+    Pub/sub has a link of its own (`securepub.engines.redis.subscriber`).
     """
 
     def __init__(
@@ -205,8 +195,6 @@ class RedisLink(Service):
         reactor: Any,
         target: RedisTarget,
         role: str,
-        channel: str | None = None,
-        on_message: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
@@ -215,14 +203,11 @@ class RedisLink(Service):
         self._metrics = metrics if metrics is not None else Metrics()
         self.target = target
         self.role = role
-        self._channel = channel
-        self._on_message = on_message
         self._protocol: Any = None
-        protocol_class = _Subscriber if channel is not None else txredisapi.RedisProtocol
         self._service = ClientService(
             target.endpoint(reactor),
-            _ProtocolFactory(self, protocol_class),
-            retryPolicy=_backoff,
+            _ProtocolFactory(self, txredisapi.RedisProtocol),
+            retryPolicy=backoff,
             clock=reactor,
             prepareConnection=self._prepare,
         )
@@ -255,11 +240,6 @@ class RedisLink(Service):
         self._metrics.redis_roundtrip.observe(self._reactor.seconds() - sent)
         return result
 
-    def message_received(self, channel: str, message: str) -> None:
-        self._metrics.cluster_messages_received += 1
-        if self._on_message is not None:
-            self._on_message(channel, message)
-
     @staticmethod
     def _unavailable(failure: Failure) -> Failure:
         if failure.check(txredisapi.ConnectionError):  # includes reply time-outs
@@ -267,13 +247,13 @@ class RedisLink(Service):
         return failure
 
     def _prepare(self, protocol: Any) -> Deferred[None]:
-        """Called by ClientService on each new connection: AUTH/SELECT, then subscribe."""
+        """Called by ClientService on each new connection: AUTH/SELECT, then a PING."""
 
-        def ready(_: object) -> Deferred[Any] | None:
-            if self._channel is not None:
-                d: Deferred[Any] = protocol.subscribe(self._channel)
-                return d
-            return None
+        def ready(_: object) -> Deferred[Any]:
+            # One round trip before the link counts as up: over TLS the
+            # handshake (and the server's certificate check) is done by then.
+            d: Deferred[Any] = protocol.execute_command("PING")
+            return d
 
         def up(_: object) -> None:
             self._protocol = protocol

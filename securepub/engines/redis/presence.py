@@ -29,9 +29,10 @@ from securepub.core.engine import IPresence, IReceiver
 from securepub.core.errors import RequestError
 from securepub.core.ids import MessageIds
 from securepub.core.tickets import SecondsClock
+from securepub.engines.redis.channels import channels_for_topic
 from securepub.engines.redis.codec import JOIN, LEAVE, Codec, presence_body
-from securepub.engines.redis.fanout import CHANNEL
-from securepub.engines.redis.link import IRedisLink, RedisUnavailable, Script
+from securepub.engines.redis.link import RedisUnavailable, Script
+from securepub.engines.redis.shards import Shard, Shards
 
 _log = Logger()
 
@@ -55,6 +56,10 @@ local function alive(node, now)
   local score = redis.call('ZSCORE', NODES, node)
   return score and tonumber(score) >= now
 end
+local function announce(message, first)
+  if message == '' then return end
+  for i = first, #ARGV do redis.call('PUBLISH', ARGV[i], message) end
+end
 local function total(set, user, now)
   local sum = 0
   for _, node in ipairs(redis.call('SMEMBERS', set)) do
@@ -70,7 +75,7 @@ end
 #: One session more (or fewer) of a user on this node; join or leave if it was
 #: the user's first (or last) session on any live node.
 #: KEYS: topic set, this node's topic list. ARGV: node, topic, user, delta, entry ms,
-#: channel, join message, leave message.
+#: join message, leave message, then the topic's channels.
 UPDATE_SCRIPT: Final = Script(
     _COMMON
     + """
@@ -89,8 +94,8 @@ else
   redis.call('SREM', KEYS[2], ARGV[2])
 end
 local after = total(set, user, now)
-if before == 0 and after > 0 and ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-if before > 0 and after == 0 and ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[8]) end
+if before == 0 and after > 0 then announce(ARGV[6], 8) end
+if before > 0 and after == 0 then announce(ARGV[7], 8) end
 return {before, after}
 """
 )
@@ -117,20 +122,21 @@ return found
 
 #: Remove a dead node's entry on one topic (if the node is still dead) and
 #: announce the leave of each listed user with no session left on a live node.
-#: KEYS: topic set. ARGV: channel, dead node, topic, then (user, leave message) pairs.
+#: KEYS: topic set. ARGV: dead node, topic, n, n channels, then (user, leave message) pairs.
 REAP_SCRIPT: Final = Script(
     _COMMON
     + """
 local now = now_ms()
-local set, dead = KEYS[1], ARGV[2]
+local set, dead = KEYS[1], ARGV[1]
 if alive(dead, now) or redis.call('SISMEMBER', set, dead) == 0 then return 0 end
 redis.call('SREM', set, dead)
 redis.call('DEL', set .. ':' .. dead)
-redis.call('SREM', 'securepub:presence-topics:' .. dead, ARGV[3])
+redis.call('SREM', 'securepub:presence-topics:' .. dead, ARGV[2])
+local channels = tonumber(ARGV[3])
 local left = 0
-for i = 4, #ARGV, 2 do
+for i = 4 + channels, #ARGV, 2 do
   if ARGV[i + 1] ~= '' and total(set, ARGV[i], now) == 0 then
-    redis.call('PUBLISH', ARGV[1], ARGV[i + 1])
+    for c = 4, 3 + channels do redis.call('PUBLISH', ARGV[c], ARGV[i + 1]) end
     left = left + 1
   end
 end
@@ -197,20 +203,22 @@ def presence_key(topic: str) -> str:
 class RedisPresence:
     """The cluster's presence, with a local mirror of this node's own sessions.
 
-    The mirror is what is written back after Redis comes back; answers
-    always come from Redis. ``announces(topic)`` says whether a topic's rule
-    announces join and leave, for the leaves of a dead node's users.
+    A topic's entries live on its topic's server; every server keeps its own
+    heartbeat table, renewed on each beat. The mirror is what is written
+    back after a server comes back; answers always come from Redis.
+    ``announces(topic)`` says whether a topic's rule announces join and
+    leave, for the leaves of a dead node's users.
     """
 
     def __init__(
         self,
-        commands: IRedisLink,
+        shards: Shards,
         codec: Codec,
         clock: SecondsClock,
         ids: MessageIds,
         announces: Callable[[str], bool],
     ) -> None:
-        self._commands = commands
+        self._shards = shards
         self._codec = codec
         self._clock = clock
         self._ids = ids
@@ -219,7 +227,7 @@ class RedisPresence:
         self._local: dict[str, dict[str, int]] = {}
 
     def start(self, receiver: IReceiver) -> None:
-        """Join and leave reach the broker through the fan-out channel, not from here."""
+        """Join and leave reach the broker through the topic's channels, not from here."""
 
     def _control(self, kind: str, topic: str, user: str) -> str:
         body = presence_body(topic, user)
@@ -246,25 +254,29 @@ class RedisPresence:
         leave = self._control(LEAVE, topic, user) if join_leave and delta < 0 else ""
         node = self._ids.node
         d = UPDATE_SCRIPT.run(
-            self._commands,
+            self._shards.for_topic(topic).commands,
             (presence_key(topic), TOPICS_PREFIX + node),
-            (node, topic, user, delta, _entry_ms(), CHANNEL, join, leave),
+            (node, topic, user, delta, _entry_ms(), join, leave, *channels_for_topic(topic)),
         )
         return d.addCallbacks(lambda _: None, _unavailable)
 
     def query(self, topic: str) -> Deferred[dict[str, int]]:
-        d = QUERY_SCRIPT.run(self._commands, (presence_key(topic),), ())
+        d = QUERY_SCRIPT.run(self._shards.for_topic(topic).commands, (presence_key(topic),), ())
         return d.addCallbacks(_users, _unavailable)
 
     # -- upkeep
 
     def beat(self) -> Deferred[Any]:
-        """Renew this node's heartbeat, and reap the entries of dead nodes."""
-        d = BEAT_SCRIPT.run(self._commands, (), (self._ids.node, _entry_ms()))
-        d.addCallback(self._reap)
-        return d.addErrback(_quietly, "renew presence")
+        """Renew this node's heartbeat on every server, and reap dead nodes' entries."""
+        calls = []
+        for shard in self._shards.all:
+            d = BEAT_SCRIPT.run(shard.commands, (), (self._ids.node, _entry_ms()))
+            d.addCallback(self._reap, shard)
+            d.addErrback(_quietly, "renew presence")
+            calls.append(d)
+        return DeferredList(calls)
 
-    def _reap(self, found: Any) -> Deferred[Any] | None:
+    def _reap(self, found: Any, shard: Shard) -> Deferred[Any] | None:
         if not isinstance(found, list):
             return None
         calls = []
@@ -274,41 +286,43 @@ class RedisPresence:
             dead, topics = entry
             if not isinstance(dead, str):
                 continue
-            reaped = [self._reap_topic(dead, item) for item in topics]
+            reaped = [self._reap_topic(shard, dead, item) for item in topics]
             d: Deferred[Any] = DeferredList([r for r in reaped if r is not None])
-            d.addCallback(self._forget, dead)
+            d.addCallback(self._forget, shard, dead)
             d.addErrback(_quietly, "forget a dead node")
             calls.append(d)
         return DeferredList(calls) if calls else None
 
-    def _forget(self, _: object, dead: str) -> Deferred[Any]:
-        return FORGET_SCRIPT.run(self._commands, (), (dead,))
+    def _forget(self, _: object, shard: Shard, dead: str) -> Deferred[Any]:
+        return FORGET_SCRIPT.run(shard.commands, (), (dead,))
 
-    def _reap_topic(self, dead: str, item: Any) -> Deferred[Any] | None:
+    def _reap_topic(self, shard: Shard, dead: str, item: Any) -> Deferred[Any] | None:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
             return None
         topic, users = item
         if not isinstance(topic, str):
             return None
+        channels = channels_for_topic(topic)
         announce = self._announces(topic)
-        args: list[str] = [CHANNEL, dead, topic]
+        args: list[Any] = [dead, topic, len(channels), *channels]
         for user in users:
             if isinstance(user, str):
                 args += [user, self._control(LEAVE, topic, user) if announce else ""]
-        d = REAP_SCRIPT.run(self._commands, (presence_key(topic),), args)
+        d = REAP_SCRIPT.run(shard.commands, (presence_key(topic),), args)
         return d.addErrback(_quietly, "reap presence")
 
-    def restore(self) -> Deferred[Any]:
-        """Write this node's entries back whole (the commands link is back)."""
+    def restore(self, shard: Shard | None = None) -> Deferred[Any]:
+        """Write this node's entries back whole (a server's commands link is back)."""
         calls = []
         node = self._ids.node
         for topic, users in self._local.items():
+            home = self._shards.for_topic(topic)
+            if shard is not None and home is not shard:
+                continue
             args: list[Any] = [node, topic, _entry_ms()]
             for user, n in users.items():
                 args += [user, n]
-            d = RESTORE_SCRIPT.run(
-                self._commands, (presence_key(topic), TOPICS_PREFIX + node), args
-            )
+            d = RESTORE_SCRIPT.run(home.commands, (presence_key(topic), TOPICS_PREFIX + node), args)
             d.addErrback(_quietly, "restore presence")
             calls.append(d)
         return DeferredList(calls)

@@ -6,10 +6,10 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -25,7 +25,8 @@ from securepub.core.tickets import (
     token_key,
 )
 from securepub.core.topics import Pattern
-from securepub.engines.redis.link import IRedisLink, RedisUnavailable
+from securepub.engines.redis.link import IRedisLink, RedisUnavailable, Script
+from securepub.engines.redis.ring import Ring
 
 KEY_PREFIX = "securepub:ticket:"
 USED_PREFIX = "securepub:ticket-used:"
@@ -67,6 +68,13 @@ if value then
 end
 return {redis.call('EXISTS', KEYS[2]) * 2}
 """
+
+
+ISSUE = Script(ISSUE_SCRIPT)
+REVOKE = Script(REVOKE_SCRIPT)
+REDEEM = Script(REDEEM_SCRIPT)
+#: New tokens drawn, at most, to find one whose server is up.
+ISSUE_ATTEMPTS = 32
 
 
 def _dump(ticket: Ticket) -> str:
@@ -111,23 +119,34 @@ def _optional_seconds(value: object) -> float | None:
 class RedisTicketStore:
     """The cluster's ticket store: entries live in Redis under the token's hash.
 
-    Redis expires an entry with the ticket (its TTL is the ticket's life);
-    the node still checks ``expires_at`` and the IP binding itself.
+    With several Redis servers each ticket lives on the one its hash places
+    it on (consistent hashing over the servers' names, the same on every
+    node), so it is still redeemed by one script on one server: exactly once.
+    A new ticket whose server is down is simply drawn again, so issuing
+    fails only when every server is. A user's ticket list lives beside each
+    ticket, and revocation asks every server. Redis expires an entry with the
+    ticket (its TTL is the ticket's life); the node still checks
+    ``expires_at`` and the IP binding itself.
     """
 
     def __init__(
         self,
-        redis: IRedisLink,
+        servers: Sequence[tuple[str, IRedisLink]],
         clock: SecondsClock,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
-        self._redis = redis
+        self._ring: Ring[IRedisLink] = Ring(servers)
         self._clock = clock
         self._randbytes = randbytes
 
     def issue(self, ticket: Ticket) -> Deferred[str]:
-        token = encode_token(self._randbytes(32))
-        key = KEY_PREFIX + token_key(token).hex()
+        for _ in range(ISSUE_ATTEMPTS):
+            token = encode_token(self._randbytes(32))
+            digest = token_key(token)
+            link = self._ring.for_key(digest)
+            if link.is_connected():
+                break
+        key = KEY_PREFIX + digest.hex()
         ttl_ms = max(1, math.ceil((ticket.expires_at - self._clock.seconds()) * 1000))
 
         def stored(reply: Any) -> str:
@@ -135,20 +154,24 @@ class RedisTicketStore:
                 raise StoreUnavailable("could not store a new ticket")
             return token
 
-        d = self._redis.execute(
-            "EVAL", ISSUE_SCRIPT, 2, key, _user_key(ticket.user), _dump(ticket), ttl_ms
-        )
+        d = ISSUE.run(link, (key, _user_key(ticket.user)), (_dump(ticket), ttl_ms))
         return d.addCallbacks(stored, _unavailable)
 
     def revoke_user(self, user: str) -> Deferred[int]:
-        d = self._redis.execute("EVAL", REVOKE_SCRIPT, 1, _user_key(user))
-        return d.addCallbacks(int, _unavailable)
+        calls = [REVOKE.run(link, (_user_key(user),), ()) for link in self._ring.members]
+        d = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+
+        def total(results: list[tuple[bool, Any]]) -> int:
+            return sum(int(reply) for _, reply in results)
+
+        return d.addCallbacks(total, _first_unavailable)
 
     def redeem(self, token: str, peer_ip: str) -> Deferred[Ticket]:
         if not is_token(token):
             return fail(TicketRefused("unknown"))
-        digest = token_key(token).hex()
-        d = self._redis.execute("EVAL", REDEEM_SCRIPT, 2, KEY_PREFIX + digest, USED_PREFIX + digest)
+        digest = token_key(token)
+        hexed = digest.hex()
+        d = REDEEM.run(self._ring.for_key(digest), (KEY_PREFIX + hexed, USED_PREFIX + hexed), ())
         return d.addCallbacks(self._judge, _unavailable, (peer_ip,))
 
     def _judge(self, reply: Any, peer_ip: str) -> Ticket:
@@ -174,6 +197,11 @@ class RedisTicketStore:
 def _user_key(user: str) -> str:
     # Hashed: user names never appear in Redis key names.
     return USER_PREFIX + hashlib.sha256(user.encode("utf-8")).hexdigest()
+
+
+def _first_unavailable(failure: Failure) -> Failure:
+    inner = getattr(failure.value, "subFailure", None)
+    return _unavailable(inner if isinstance(inner, Failure) else failure)
 
 
 def _unavailable(failure: Failure) -> Failure:
