@@ -3,6 +3,7 @@
 from securepub.clients.blocking import (
     DEFAULT_RETRY,
     DEFAULT_URL,
+    MAX_RETRY_AFTER,
     APIError,
     CertificateError,
     ClientError,
@@ -18,6 +19,7 @@ from securepub.clients.blocking import (
 __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_URL",
+    "MAX_RETRY_AFTER",
     "APIError",
     "CertificateError",
     "ClientError",

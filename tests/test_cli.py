@@ -171,7 +171,8 @@ def subscriber() -> Iterator[list[Subscribe]]:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["certs"], ["ticket"], ["publish"], ["subscribe"], ["history"]]
+    "command",
+    [[], ["certs"], ["ticket"], ["publish"], ["subscribe"], ["history"], ["presence"]],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     """``--help`` works on the command and on every subcommand, naming the environment."""
@@ -199,6 +200,9 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["history", "demo.a", "--limit", "1001"], "1 to 1000"),
         (["history", "demo.a", "--since", "-1"], "from 0"),
         (["history", "demo.a", "--since", "x"], "not an integer"),
+        (["presence"], "TOPIC"),
+        (["ticket", "--user", "u", "--session-ttl", "0"], "1 to 86400"),
+        (["subscribe", "a.b", "--session-ttl", "x"], "not an integer"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], needle: str) -> None:

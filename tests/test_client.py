@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import random
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -298,9 +300,10 @@ def stub_ca_file(stub_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) 
 class Scripted:
     """A TLS HTTP server answering request N with ``script[N]``.
 
-    An action is ``(status, body)`` or ``"drop"`` (close without answering,
-    after reading the request). ``requests`` records each request's path,
-    ``methods`` its method.
+    An action is ``(status, body)``, ``(status, body, headers)`` (extra
+    response headers, e.g. ``{"Retry-After": "2"}``) or ``"drop"`` (close
+    without answering, after reading the request). ``requests`` records each
+    request's path, ``methods`` its method.
     """
 
     def __init__(self, cert: trustme.LeafCert, script: list[Any]) -> None:
@@ -324,8 +327,10 @@ class Scripted:
                 if action == "drop":
                     self.close_connection = True
                     return
-                status, body = action
+                status, body, *extra = action
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -535,6 +540,153 @@ def test_a_page_says_where_the_next_one_starts() -> None:
     assert HistoryPage(5, "e", []).next_since is None
 
 
+# -- presence and Retry-After, against the scripted server ----------------------
+
+PRESENCE = (200, b'{"users":{"alice":2,"bob":1}}')
+
+MALFORMED_PRESENCE = [
+    (200, b"[]"),
+    (200, b"{}"),
+    (200, b'{"users":[]}'),
+    (200, b'{"users":{"alice":"2"}}'),
+    (200, b'{"users":{"alice":0}}'),
+    (200, b'{"users":{"alice":-1}}'),
+    (200, b'{"users":{"alice":true}}'),
+    (200, b'{"users":{"alice":1.5}}'),
+    (200, b'{"users":{"":1}}'),
+    (502, b"<html>bad gateway</html>"),
+]
+
+
+def unavailable(retry_after: str) -> tuple[int, bytes, dict[str, str]]:
+    return (*UNAVAILABLE, {"Retry-After": retry_after})
+
+
+def test_presence_is_a_get_retried_on_503(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """presence() sends GET /v1/presence with the topic quoted, retries a 503 and returns
+    the users map."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [UNAVAILABLE, PRESENCE]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        assert pub.presence("room.1&x=1") == {"alice": 2, "bob": 1}
+        pub.close()
+    assert server.methods == ["GET", "GET"]
+    assert server.requests == ["/v1/presence?topic=room.1%26x%3D1"] * 2
+    assert len(sleep.delays) == 1
+
+
+@pytest.mark.parametrize("answer", MALFORMED_PRESENCE)
+def test_a_malformed_presence_answer_raises_unexpected_response(
+    stub_ca: trustme.CA, stub_ca_file: str, answer: tuple[int, bytes]
+) -> None:
+    """users must map non-empty strings to positive integers; anything else is refused."""
+    with scripted(stub_ca, [answer]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=SleepRecorder())
+        with pytest.raises(APIError) as caught:
+            pub.presence("room.1")
+        pub.close()
+    assert caught.value.code == "unexpected_response"
+
+
+def test_a_503_waits_at_least_the_servers_retry_after(
+    stub_ca: trustme.CA, stub_ca_file: str
+) -> None:
+    """Retry-After: 2 on a 503 makes the retry wait 2 s plus jitter (up to a quarter of it
+    and initial_delay), never less, however short the backoff would have been."""
+    for rand, expected in ((lambda: 0.0, 2.0), (lambda: 1.0, 2.0 + 0.5 + 0.25)):
+        sleep = SleepRecorder()
+        with scripted(stub_ca, [unavailable("2"), ACCEPTED]) as server:
+            pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep, rand=rand)
+            assert pub.publish("a.b", 1) == "m-1"
+            pub.close()
+        assert sleep.delays == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize(
+    "header", ["soon", "-1", "1.5", "Wed, 21 Oct 2015 07:28:00 GMT", "2, 3", "", "0x10"]
+)
+def test_a_retry_after_that_is_not_whole_seconds_is_ignored(
+    stub_ca: trustme.CA, stub_ca_file: str, header: str
+) -> None:
+    """A date, a fraction, a negative or repeated value: the usual backoff applies."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [unavailable(header), ACCEPTED]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep, rand=lambda: 1.0)
+        assert pub.publish("a.b", 1) == "m-1"
+        pub.close()
+    assert sleep.delays == [pytest.approx(0.25)]
+
+
+def test_a_long_retry_after_is_capped(stub_ca: trustme.CA, stub_ca_file: str) -> None:
+    """Retry-After: 3600 waits MAX_RETRY_AFTER (60 s), not an hour; the APIError of the
+    last attempt carries the capped value."""
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [unavailable("3600")] * 2) as server:
+        pub = Publisher(
+            server.url,
+            "k" * 32,
+            ca=stub_ca_file,
+            sleep=sleep,
+            rand=lambda: 0.0,
+            retry=RetryPolicy(retries=1),
+        )
+        with pytest.raises(APIError) as caught:
+            pub.history("a.b")
+        pub.close()
+    assert sleep.delays == [60.0]
+    assert caught.value.retry_after == 60
+
+
+def test_a_429_is_not_retried_but_carries_retry_after(
+    stub_ca: trustme.CA, stub_ca_file: str
+) -> None:
+    """429 is a refusal: raised at once, its Retry-After in APIError.retry_after; other
+    statuses never carry one."""
+    limited = (429, b'{"error":"rate_limited","message":"slow down"}', {"Retry-After": "7"})
+    refused = (400, b'{"error":"bad_request","message":"no"}', {"Retry-After": "7"})
+    sleep = SleepRecorder()
+    with scripted(stub_ca, [limited, refused]) as server:
+        pub = Publisher(server.url, "k" * 32, ca=stub_ca_file, sleep=sleep)
+        with pytest.raises(APIError) as caught:
+            pub.publish("a.b", 1)
+        assert (caught.value.status, caught.value.code) == (429, "rate_limited")
+        assert caught.value.retry_after == 7
+        with pytest.raises(APIError) as other:
+            pub.issue_ticket("u")
+        assert other.value.retry_after is None
+        pub.close()
+    assert sleep.delays == [] and len(server.requests) == 2
+
+
+def test_retry_policy_delays() -> None:
+    """Without Retry-After the jittered backoff; with it at least the server's value (capped
+    at max_retry_after), the backoff when that is longer."""
+    policy = RetryPolicy(initial_delay=1.0, max_delay=8.0, max_retry_after=10.0)
+    assert policy.delay(2, lambda: 1.0) == 4.0
+    assert policy.delay(2, lambda: 0.0) == 2.0
+    assert policy.delay(0, lambda: 0.0, retry_after=3) == 3.0
+    assert policy.delay(0, lambda: 1.0, retry_after=3) == 3.0 + 0.75 + 1.0
+    assert policy.delay(3, lambda: 1.0, retry_after=1) == 8.0  # the backoff is longer
+    assert policy.delay(0, lambda: 0.0, retry_after=100) == 10.0
+
+
+def test_session_ttl_bounds_the_session_a_ticket_opens(srv: Server) -> None:
+    """issue_ticket(session_ttl=S): the session's welcome expires S seconds later; a value
+    outside the server's range (60 to 3600 by default) is bad_request."""
+    with publisher(srv) as pub:
+        issued = pub.issue_ticket("sess", subscribe=["a.*"], session_ttl=120)
+        with pytest.raises(APIError) as caught:
+            pub.issue_ticket("sess", session_ttl=30)
+    assert (caught.value.status, caught.value.code) == (400, "bad_request")
+    assert "session_ttl" in caught.value.message
+    conn = srv.ws(issued.ticket)
+    try:
+        welcome = recv_json(conn)
+        assert welcome["expires_at"] - time.time() == pytest.approx(120, abs=5)
+    finally:
+        conn.close()
+
+
 # -- the Twisted publisher -----------------------------------------------------
 
 
@@ -709,6 +861,66 @@ class TwistedPublisherTests(TrialTestCase):
                 await pub.close()
             assert server.methods == ["GET", "GET", "GET", "POST"]
             assert server.requests[0] == "/v1/history?topic=a.b&since=1&limit=5"
+
+        return ensureDeferred(run())
+
+    def test_presence_retries_503_and_checks_the_answer(self) -> Deferred[None]:
+        """presence() is a GET retried on 503; the users map comes back, a malformed one
+        fails with unexpected_response."""
+
+        async def run() -> None:
+            policy = RetryPolicy(retries=2, initial_delay=0.01, max_delay=0.02)
+            script = [UNAVAILABLE, PRESENCE, MALFORMED_PRESENCE[4]]
+            with scripted(self.stub_ca, script) as server:
+                pub = self.publisher(
+                    url=server.url, ca=self.stub_ca_file, api_key="k" * 32, retry=policy
+                )
+                assert await pub.presence("room.1") == {"alice": 2, "bob": 1}
+                try:
+                    await pub.presence("room.1")
+                except APIError as e:
+                    assert e.code == "unexpected_response"
+                else:
+                    raise AssertionError("no APIError")
+                await pub.close()
+            assert server.methods == ["GET"] * 3
+            assert server.requests[0] == "/v1/presence?topic=room.1"
+
+        return ensureDeferred(run())
+
+    def test_retry_after_is_handed_to_the_retry_policy(self) -> Deferred[None]:
+        """A 503's Retry-After reaches RetryPolicy.delay (which waits at least that); a
+        429 is not retried and fails with its retry_after."""
+
+        async def run() -> None:
+            seen: list[float | None] = []
+
+            class Recording(RetryPolicy):
+                def delay(
+                    self,
+                    attempt: int,
+                    rand: Callable[[], float] = random.random,
+                    retry_after: float | None = None,
+                ) -> float:
+                    seen.append(retry_after)
+                    return 0.01
+
+            limited = (429, b'{"error":"rate_limited","message":"slow"}', {"Retry-After": "9"})
+            script = [unavailable("5"), unavailable("later"), ACCEPTED, limited]
+            with scripted(self.stub_ca, script) as server:
+                pub = self.publisher(
+                    url=server.url, ca=self.stub_ca_file, api_key="k" * 32, retry=Recording()
+                )
+                assert await pub.publish("a.b", 1) == "m-1"
+                try:
+                    await pub.issue_ticket("u", session_ttl=60)
+                except APIError as e:
+                    assert (e.status, e.retry_after) == (429, 9)
+                else:
+                    raise AssertionError("no APIError")
+                await pub.close()
+            assert seen == [5, None]
+            assert len(server.requests) == 4
 
         return ensureDeferred(run())
 

@@ -117,6 +117,8 @@ def test_history_with_a_wrong_key_is_unauthorized(srv: Server) -> None:
 
 class FakeFactory:
     lost_reason = None
+    refused_status: int | None = None
+    retry_after: int | None = None
 
 
 class FakeProtocol:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import re
 import select
 import socket
 import ssl
@@ -18,6 +19,7 @@ from urllib.parse import quote, urlsplit
 __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_URL",
+    "MAX_RETRY_AFTER",
     "APIError",
     "CertificateError",
     "ClientError",
@@ -33,7 +35,10 @@ __all__ = [
     "history_page",
     "history_query",
     "parse_response",
+    "parse_retry_after",
     "parse_url",
+    "presence_query",
+    "presence_users",
     "published",
     "ticket_request",
 ]
@@ -51,7 +56,15 @@ MAX_RESPONSE_BYTES: Final = 1024 * 1024
 #: the server closes idle HTTP connections after 60 seconds.
 MAX_IDLE_SECONDS: Final = 45.0
 
+#: The longest wait a ``Retry-After`` header can impose, in seconds.
+MAX_RETRY_AFTER: Final = 60
+
+#: Statuses whose ``Retry-After`` header is honoured (SPEC section 2: 429 and 503).
+RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
+
 _USER_AGENT: Final = "securepub-python"
+
+_RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
 
 
 class ClientError(Exception):
@@ -84,13 +97,20 @@ class APIError(ClientError):
     ``unauthorized``, ``forbidden``, ``too_large``, ``unsupported_media_type``,
     ``rate_limited``, ``unavailable`` (or ``unexpected_response`` when the
     answer was not securepub's JSON, e.g. from a proxy).
+
+    ``retry_after`` is the server's ``Retry-After`` on a 429 or 503, in whole
+    seconds (capped at `MAX_RETRY_AFTER`), or None when it sent none that is
+    a plain number of seconds.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -246,6 +266,38 @@ def history_page(result: dict[str, Any]) -> HistoryPage:
     return HistoryPage(offset=offset, epoch=epoch, messages=messages)
 
 
+def presence_query(topic: str) -> str:
+    """The path and query of ``GET /v1/presence`` (the server checks the topic)."""
+    if not isinstance(topic, str):
+        raise ClientError("the topic must be a string")
+    try:
+        quoted = quote(topic, safe="")
+    except UnicodeEncodeError:
+        raise ClientError("the topic is not valid text") from None
+    return f"/v1/presence?topic={quoted}"
+
+
+def checked_users(users: Any) -> dict[str, int] | None:
+    """A presence map (user -> open sessions, SPEC section 10) if well formed, else None:
+    a JSON object of non-empty strings to positive integers."""
+    if not isinstance(users, dict):
+        return None
+    for user, count in users.items():
+        if not isinstance(user, str) or not user:
+            return None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return None
+    return dict(users)
+
+
+def presence_users(result: dict[str, Any]) -> dict[str, int]:
+    """The ``users`` of a ``GET /v1/presence`` answer, its shape checked."""
+    users = checked_users(result.get("users"))
+    if users is None:
+        raise APIError(200, "unexpected_response", "the answer is not a presence map")
+    return users
+
+
 def issued_ticket(result: dict[str, Any]) -> IssuedTicket:
     """The ticket in a ``POST /v1/tickets`` answer."""
     ticket, expires_at = result.get("ticket"), result.get("expires_at")
@@ -261,8 +313,12 @@ def ticket_request(
     subscribe: Iterable[str] = (),
     publish: Iterable[str] = (),
     ttl: int | None = None,
+    session_ttl: int | None = None,
 ) -> dict[str, Any]:
-    """The body of ``POST /v1/tickets`` (SPEC section 2); the server validates it."""
+    """The body of ``POST /v1/tickets`` (SPEC sections 2 and 9); the server validates it.
+
+    ``session_ttl`` bounds the session the ticket opens (or refreshes), in seconds.
+    """
     body: dict[str, Any] = {"user": user}
     if client_ip is not None:
         body["client_ip"] = client_ip
@@ -274,6 +330,8 @@ def ticket_request(
         body["publish"] = patterns
     if ttl is not None:
         body["ttl"] = ttl
+    if session_ttl is not None:
+        body["session_ttl"] = session_ttl
     return body
 
 
@@ -285,23 +343,57 @@ class RetryPolicy:
     and a 503 (the server says nothing was done). The delay before retry
     ``n`` (from 0) is ``min(max_delay, initial_delay * 2**n)``, scaled by a
     random factor between 0.5 and 1 so that many clients do not retry in step.
+
+    When the server said how long to wait (``Retry-After``, see
+    `parse_retry_after`), the delay is at least that, at most
+    ``max_retry_after``, plus a random share of up to a quarter of it (and of
+    ``initial_delay``), so the clients it turned away do not all come back in
+    the same second.
     """
 
     retries: int = 3
     initial_delay: float = 0.25
     max_delay: float = 4.0
+    max_retry_after: float = MAX_RETRY_AFTER
 
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    def delay(
+        self,
+        attempt: int,
+        rand: Callable[[], float] = random.random,
+        retry_after: float | None = None,
+    ) -> float:
         base = min(self.max_delay, self.initial_delay * 2.0**attempt)
-        return base * (0.5 + 0.5 * rand())
+        backoff = base * (0.5 + 0.5 * rand())
+        if retry_after is None or retry_after < 0:
+            return backoff
+        wait = min(float(retry_after), self.max_retry_after)
+        jitter = (0.25 * wait + self.initial_delay) * rand()
+        return max(backoff, wait + jitter)
 
 
 #: Three retries, 0.25 s doubling up to 4 s, jittered: about 2 s at most in all.
 DEFAULT_RETRY: Final = RetryPolicy()
 
 
-def parse_response(status: int, data: bytes) -> dict[str, Any]:
-    """A success body as a dict, or raise the `APIError` the status and body describe."""
+def parse_retry_after(value: str | None) -> int | None:
+    """The seconds of a ``Retry-After`` header, capped at `MAX_RETRY_AFTER`.
+
+    Only a plain non-negative integer counts; anything else (an HTTP date, a
+    fraction, a negative number, several values) is ignored: None.
+    """
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if not _RETRY_AFTER_SECONDS.fullmatch(value):
+        return None
+    return min(int(value), MAX_RETRY_AFTER)
+
+
+def parse_response(status: int, data: bytes, retry_after: str | None = None) -> dict[str, Any]:
+    """A success body as a dict, or raise the `APIError` the status and body describe.
+
+    ``retry_after`` is the answer's ``Retry-After`` header, if any (kept for 429 and 503).
+    """
     if status in (200, 201, 202):
         try:
             value = json.loads(data)
@@ -310,7 +402,10 @@ def parse_response(status: int, data: bytes) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise APIError(status, "unexpected_response", "the answer is not a JSON object")
         return value
-    raise error_from_response(status, data)
+    error = error_from_response(status, data)
+    if status in RETRY_AFTER_STATUSES:
+        error.retry_after = parse_retry_after(retry_after)
+    raise error
 
 
 def bearer(api_key: str) -> str:
@@ -381,6 +476,7 @@ class Publisher:
         timeout: float = 10.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._url = parse_url(url)
         self._authorization = bearer(api_key)
@@ -396,6 +492,7 @@ class Publisher:
         self._timeout = timeout
         self._retry = retry
         self._sleep = sleep
+        self._rand = rand
         self._lock = threading.Lock()
         self._conn: http.client.HTTPSConnection | None = None
         self._last_used = 0.0
@@ -437,6 +534,15 @@ class Publisher:
         """
         return history_page(self._call("GET", history_query(topic, since, limit)))
 
+    def presence(self, topic: str) -> dict[str, int]:
+        """Who is subscribed to ``topic`` (``GET /v1/presence``, SPEC section 10).
+
+        Returns ``{user: open sessions subscribed to that exact topic}``, on every
+        node. A topic whose rule does not track presence raises `APIError`
+        ``bad_request``; an answer of another shape ``unexpected_response``.
+        """
+        return presence_users(self._call("GET", presence_query(topic)))
+
     def issue_ticket(
         self,
         user: str,
@@ -445,10 +551,21 @@ class Publisher:
         subscribe: Iterable[str] = (),
         publish: Iterable[str] = (),
         ttl: int | None = None,
+        session_ttl: int | None = None,
     ) -> IssuedTicket:
-        """Issue a single-use WebSocket ticket for one browser (SPEC section 2)."""
+        """Issue a single-use WebSocket ticket for one browser (SPEC sections 2 and 9).
+
+        ``ttl`` is how long the ticket may wait to be redeemed; ``session_ttl`` how
+        long the session it opens lasts before it must be refreshed (the server's
+        default, ``[limits] max_session_seconds``, when None).
+        """
         body = ticket_request(
-            user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
+            user,
+            client_ip=client_ip,
+            subscribe=subscribe,
+            publish=publish,
+            ttl=ttl,
+            session_ttl=session_ttl,
         )
         return issued_ticket(self._call("POST", "/v1/tickets", encode_json(body)))
 
@@ -469,6 +586,7 @@ class Publisher:
         with self._lock:
             attempt = 0
             while True:
+                retry_after: int | None = None
                 try:
                     return self._attempt(method, path, body)
                 except ConnectionFailed as e:
@@ -477,7 +595,8 @@ class Publisher:
                 except APIError as e:
                     if e.status != 503 or attempt >= self._retry.retries:
                         raise
-                self._sleep(self._retry.delay(attempt))
+                    retry_after = e.retry_after
+                self._sleep(self._retry.delay(attempt, self._rand, retry_after))
                 attempt += 1
 
     def _attempt(self, method: str, path: str, body: bytes | None) -> dict[str, Any]:
@@ -506,7 +625,7 @@ class Publisher:
             self._drop()
         if len(data) > MAX_RESPONSE_BYTES:
             raise APIError(response.status, "unexpected_response", "the answer is too large")
-        return parse_response(response.status, data)
+        return parse_response(response.status, data, response.getheader("Retry-After"))
 
     def _connection(self) -> http.client.HTTPSConnection:
         """The kept-alive connection, or a new one when it is gone, stale or idle too long."""

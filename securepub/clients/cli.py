@@ -1,4 +1,5 @@
-"""The ``securepub`` command line: certificates, tickets, publishing, subscribing, history."""
+"""The ``securepub`` command line: certificates, tickets, publishing, subscribing, history,
+presence."""
 
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def _ticket(args: argparse.Namespace) -> int:
             subscribe=args.subscribe or (),
             publish=args.publish or (),
             ttl=args.ttl,
+            session_ttl=args.session_ttl,
         )
     _print_json(ticket.as_json())
     return 0
@@ -153,6 +155,13 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presence(args: argparse.Namespace) -> int:
+    with _publisher(args) as publisher:
+        users = publisher.presence(args.topic)
+    _print_json(users)
+    return 0
+
+
 def _subscribe(args: argparse.Namespace) -> int:
     url, api_key, ca = _server(args)
     from twisted.internet import reactor
@@ -165,7 +174,10 @@ def _subscribe(args: argparse.Namespace) -> int:
 
     def get_ticket() -> Any:
         # Only what is still subscribed: the server may have ended some subscriptions.
-        d = publisher.issue_ticket(args.user, subscribe=subscriber.patterns, ttl=30)
+        # The same ticket request opens a session and refreshes it (SPEC section 9).
+        d = publisher.issue_ticket(
+            args.user, subscribe=subscriber.patterns, ttl=30, session_ttl=args.session_ttl
+        )
         return d.addCallback(lambda issued: issued.ticket)
 
     def status(text: str) -> None:
@@ -183,7 +195,24 @@ def _subscribe(args: argparse.Namespace) -> int:
         if args.count is not None and received >= args.count:
             subscriber.stop()
 
-    subscriber = Subscriber(reactor, url, patterns, get_ticket, on_message, ca=ca, on_status=status)
+    def on_event(frame: dict[str, Any]) -> None:
+        # join and leave (SPEC section 10): printed like messages, not counted by --count.
+        try:
+            _print_json(frame)
+        except BrokenPipeError:
+            _silence_stdout()
+            subscriber.stop()
+
+    subscriber = Subscriber(
+        reactor,
+        url,
+        patterns,
+        get_ticket,
+        on_message,
+        ca=ca,
+        on_status=status,
+        on_event=on_event,
+    )
     return _run_reactor(reactor, subscriber.run, publisher.close)
 
 
@@ -238,6 +267,13 @@ _ttl = _int_in(1, 300, "the TTL in seconds")
 _count = _int_in(1, None, "the count")
 _offset = _int_in(0, 2**53 - 1, "the offset")
 _limit = _int_in(1, 1000, "the limit")
+_session_ttl = _int_in(1, 86400, "the session TTL in seconds")
+
+SESSION_TTL_HELP = (
+    "how long a session lasts before it must be refreshed, in seconds (the server allows "
+    "[limits] min_session_seconds to max_session_seconds, by default 60 to 3600; default: "
+    "the maximum)"
+)
 
 
 def _server_options() -> _Parser:
@@ -313,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     ticket.add_argument(
         "--ttl", type=_ttl, metavar="SECONDS", help="validity, 1 to 300 seconds (default 30)"
     )
+    ticket.add_argument(
+        "--session-ttl", type=_session_ttl, metavar="SECONDS", help=SESSION_TTL_HELP
+    )
     ticket.set_defaults(run=_ticket)
 
     publish = commands.add_parser(
@@ -342,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "history resumes after the last message printed, so the messages missed meanwhile "
         "are printed first, in order. When the server's history no longer reaches back, a "
         "status line says 'TOPIC: not recovered (...): refetch' and the missed messages are "
-        "lost. Runs until interrupted, or until --count messages arrived.",
+        "lost. The session is refreshed in-band before it expires (a status line says "
+        "'session refreshed until HH:MM:SS'). On a topic whose rule has join_leave = true, "
+        'the server\'s {"op":"join",...} and {"op":"leave",...} frames are printed as JSON '
+        "lines too. Runs until interrupted, or until --count messages arrived.",
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -353,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default="securepub-cli", help="the user its tickets name (default: %(default)s)"
     )
     subscribe.add_argument(
-        "--count", type=_count, metavar="N", help="exit after N messages (default: never)"
+        "--count",
+        type=_count,
+        metavar="N",
+        help="exit after N messages (join and leave frames do not count; default: never)",
+    )
+    subscribe.add_argument(
+        "--session-ttl", type=_session_ttl, metavar="SECONDS", help=SESSION_TTL_HELP
     )
     subscribe.add_argument(
         "--quiet", action="store_true", help="no status lines on stderr, only errors"
@@ -392,6 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no status line on stderr, only errors"
     )
     history.set_defaults(run=_history)
+
+    presence = commands.add_parser(
+        "presence",
+        parents=[server],
+        help="print who is subscribed to a topic",
+        description="Print who is subscribed to TOPIC on every node (GET /v1/presence), as "
+        'one JSON line mapping each user to its open sessions on the topic: {"alice":2}. '
+        "The topic must be an exact topic whose [[topics]] rule has presence = true.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    presence.add_argument("topic", metavar="TOPIC", help="for example chat.room1")
+    presence.set_defaults(run=_presence)
     return parser
 
 

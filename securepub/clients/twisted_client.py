@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from io import BytesIO
 from typing import Any, Final
@@ -50,6 +51,7 @@ from securepub.clients.blocking import (
     DEFAULT_RETRY,
     MAX_IDLE_SECONDS,
     MAX_RESPONSE_BYTES,
+    RETRY_AFTER_STATUSES,
     APIError,
     CertificateError,
     ClientError,
@@ -60,23 +62,30 @@ from securepub.clients.blocking import (
     RetryPolicy,
     ServerURL,
     bearer,
+    checked_users,
     encode_json,
     history_page,
     history_query,
     issued_ticket,
     parse_response,
+    parse_retry_after,
     parse_url,
+    presence_query,
+    presence_users,
     published,
     published_id,
     ticket_request,
 )
 
 __all__ = [
+    "CLOSE_SESSION_EXPIRED",
     "FATAL_CLOSE_CODES",
     "INSUFFICIENT_STATE",
     "SUBSCRIBE_BACKOFF",
+    "NotConnected",
     "Position",
     "RecoverCallback",
+    "RequestFailed",
     "SubscribeRefused",
     "Subscriber",
     "TwistedPublisher",
@@ -92,6 +101,12 @@ FATAL_CLOSE_CODES: Final = frozenset({1003, 1007, 1008, 1009})
 
 #: Delays between reconnections of a `Subscriber` (``retries`` is not used: it never gives up).
 SUBSCRIBE_BACKOFF: Final = RetryPolicy(retries=0, initial_delay=0.5, max_delay=30.0)
+
+#: The server closes a session whose lifetime ended unrefreshed with this code (SPEC section 9).
+CLOSE_SESSION_EXPIRED: Final = 4003
+
+#: How long `Subscriber.presence` waits for the server's answer.
+PRESENCE_TIMEOUT: Final = 10.0
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -282,6 +297,14 @@ class TwistedPublisher:
             return fail()
         return self._call(b"GET", path).addCallback(history_page)
 
+    def presence(self, topic: str) -> Deferred[dict[str, int]]:
+        """Who is subscribed to ``topic`` (``GET /v1/presence``); fires with ``{user: n}``."""
+        try:
+            path = presence_query(topic)
+        except ClientError:
+            return fail()
+        return self._call(b"GET", path).addCallback(presence_users)
+
     def issue_ticket(
         self,
         user: str,
@@ -290,10 +313,19 @@ class TwistedPublisher:
         subscribe: Iterable[str] = (),
         publish: Iterable[str] = (),
         ttl: int | None = None,
+        session_ttl: int | None = None,
     ) -> Deferred[IssuedTicket]:
-        """Issue a single-use WebSocket ticket; fires with an `IssuedTicket`."""
+        """Issue a single-use WebSocket ticket; fires with an `IssuedTicket`.
+
+        ``session_ttl``: the lifetime of the session it opens or refreshes (SPEC section 9).
+        """
         body = ticket_request(
-            user, client_ip=client_ip, subscribe=subscribe, publish=publish, ttl=ttl
+            user,
+            client_ip=client_ip,
+            subscribe=subscribe,
+            publish=publish,
+            ttl=ttl,
+            session_ttl=session_ttl,
         )
         return self._call(b"POST", "/v1/tickets", encode_json(body)).addCallback(issued_ticket)
 
@@ -315,7 +347,8 @@ class TwistedPublisher:
                 )
                 if not safe or number >= self._retry.retries:
                     return failure
-                delay = self._retry.delay(number, self._rand)
+                retry_after = value.retry_after if isinstance(value, APIError) else None
+                delay = self._retry.delay(number, self._rand, retry_after)
                 return deferLater(self._reactor, delay, attempt, number + 1)
 
             return d.addErrback(retry)
@@ -344,7 +377,9 @@ class TwistedPublisher:
                 raise APIError(response.code, "unexpected_response", "the answer is too large")
             body: Deferred[bytes] = Deferred()
             response.deliverBody(_Body(body, response.code))
-            return body.addCallback(lambda data: parse_response(response.code, data))
+            retry_after = response.headers.getRawHeaders(b"retry-after")
+            header = b", ".join(retry_after).decode("latin-1") if retry_after else None
+            return body.addCallback(lambda data: parse_response(response.code, data, header))
 
         result: Deferred[dict[str, Any]] = d.addCallback(read)
         result.addTimeout(self._timeout, self._reactor)
@@ -358,6 +393,17 @@ class _SubscriberProtocol(WebSocketClientProtocol):
     """One connection: subscribe after ``welcome``, hand ``message`` frames on."""
 
     factory: _SubscriberFactory
+
+    def failHandshake(self, reason: str) -> None:
+        """The upgrade failed; when the server refused it, note its status and Retry-After."""
+        status = _status_code(getattr(self, "http_status_line", None))
+        if status is not None and status != 101:
+            self.factory.refused_status = status
+            if status in RETRY_AFTER_STATUSES:
+                headers = getattr(self, "http_headers", None)
+                value = headers.get("retry-after") if isinstance(headers, dict) else None
+                self.factory.retry_after = parse_retry_after(value)
+        super().failHandshake(reason)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -387,12 +433,25 @@ class _SubscriberFactory(WebSocketClientFactory):
         super().__init__(url, protocols=[SUBPROTOCOL, "ticket." + ticket])
         self.owner = owner
         self.lost_reason: Failure | None = None
+        #: the HTTP status of a refused upgrade, and its Retry-After (429 and 503 only)
+        self.refused_status: int | None = None
+        self.retry_after: int | None = None
         self.setProtocolOptions(
             openHandshakeTimeout=10,
             closeHandshakeTimeout=2,
             autoPingInterval=30,
             autoPingTimeout=10,
         )
+
+
+def _status_code(status_line: object) -> int | None:
+    """The status of an HTTP status line (``HTTP/1.1 429 Too Many Requests``), if it has one."""
+    if not isinstance(status_line, str):
+        return None
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit() or len(parts[1]) != 3:
+        return None
+    return int(parts[1])
 
 
 def _close(protocol: _SubscriberProtocol) -> None:
@@ -406,6 +465,23 @@ def _close(protocol: _SubscriberProtocol) -> None:
 class SubscribeRefused(ClientError):
     """The server refused a subscription (``forbidden``, ``invalid_topic``, ...), or ended
     the last one left (``unsubscribed`` with reason ``forbidden``)."""
+
+
+class NotConnected(ClientError):
+    """A request over the connection (`Subscriber.presence`) while no session is open."""
+
+
+class RequestFailed(ClientError):
+    """The server answered a request made over the connection with an ``error`` frame.
+
+    ``code`` is the SPEC's (``forbidden``, ``bad_request``, ``unavailable``, ...), or
+    ``unexpected_response`` for an answer of the wrong shape; ``message`` its text.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 #: ``unsubscribed`` reason: the server lost track of a topic's order; subscribe again ``since``.
@@ -439,6 +515,28 @@ def _printable(value: object, limit: int) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def _timestamp(value: object) -> float | None:
+    """An ``expires_at`` (epoch seconds) when it is a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 < value < 1e11:  # also refuses NaN
+        return None
+    return float(value)
+
+
+def _clock(when: float) -> str:
+    """``HH:MM:SS`` in local time, for status lines."""
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _describe(failure: Failure) -> str:
+    """A failed ticket fetch, for a status line."""
+    value = failure.value
+    if isinstance(value, ClientError):
+        return _printable(value, 300)
+    return _printable(f"{type(value).__name__}: {value}", 300)
+
+
 class Subscriber:
     """Subscribe to patterns over ``wss://``, for as long as it runs.
 
@@ -467,6 +565,23 @@ class Subscriber:
     once the same way; any other reason (``forbidden``) ends that
     subscription, and when none is left, `run` fails with `SubscribeRefused`.
 
+    Sessions (SPEC section 9): when the server says the session is
+    ``expiring``, a fresh ticket from ``get_ticket`` is sent in a ``refresh``
+    frame on the same connection, so nothing is missed and the subscriptions
+    stay; ``on_status`` reports ``session refreshed until HH:MM:SS``. A
+    refresh that fails (``forbidden``, ``unavailable``, no ticket) is
+    reported too, and the session then ends at its expiry: the server closes
+    with 4003 and the Subscriber reconnects (and resumes) as after any lost
+    connection.
+
+    Waiting: a ticket request refused with 429 or 503, and a handshake the
+    server refused with 429 or 503, are retried after at least the
+    ``Retry-After`` the server sent (see `RetryPolicy.delay`), jittered.
+
+    Presence (SPEC section 10): ``join`` and ``leave`` frames for the
+    subscribed topics are handed to ``on_event``; `presence` asks the server
+    over the connection who is on a topic.
+
     ``run()`` fires when `stop` is called, or fails with the `ClientError`.
     """
 
@@ -481,6 +596,7 @@ class Subscriber:
         ca: str | None = None,
         on_status: Callable[[str], None] = lambda text: None,
         on_recover: RecoverCallback = lambda topic, recovered, offset, epoch: None,
+        on_event: Callable[[dict[str, Any]], None] = lambda frame: None,
         since: Mapping[str, Position] | None = None,
         backoff: RetryPolicy = SUBSCRIBE_BACKOFF,
         rand: Callable[[], float] = random.random,
@@ -495,6 +611,7 @@ class Subscriber:
         self._on_message = on_message
         self._on_status = on_status
         self._on_recover = on_recover
+        self._on_event = on_event
         self._backoff = backoff
         self._rand = rand
         self._attempts = 0
@@ -521,15 +638,52 @@ class Subscriber:
         #: subscribes refused with ``unavailable``, waiting to be sent again
         self._resubscribe_timers: dict[str, IDelayedCall] = {}
         self._resubscribe_attempts: dict[str, int] = {}
+        #: the connection whose session is open (its welcome arrived), and until when
+        self._session: _SubscriberProtocol | None = None
+        self._expires_at: float | None = None
+        #: a refresh under way on the open session: fetching its ticket, or sent with this id
+        self._refreshing = False
+        self._refresh_id: int | None = None
+        #: presence requests waiting for their answer: id -> (connection, Deferred, timeout)
+        self._presence_requests: dict[
+            int, tuple[_SubscriberProtocol, Deferred[dict[str, int]], IDelayedCall]
+        ] = {}
 
     @property
     def patterns(self) -> tuple[str, ...]:
         """The subscriptions still wanted (the server may have ended some)."""
         return tuple(self._patterns)
 
+    @property
+    def expires_at(self) -> float | None:
+        """When the open session ends unless refreshed (epoch seconds); None when none is open."""
+        return self._expires_at if self._session is not None else None
+
     def position(self, topic: str) -> Position | None:
         """The (offset, epoch) an exact topic would resume from, if known."""
         return self._positions.get(topic)
+
+    def presence(self, topic: str, timeout: float = PRESENCE_TIMEOUT) -> Deferred[dict[str, int]]:
+        """Ask over the open connection who is subscribed to ``topic`` (SPEC section 10).
+
+        Fires with ``{user: open sessions}``. Fails with `NotConnected` when no
+        session is open, `RequestFailed` when the server refuses (``forbidden``:
+        this session may not subscribe to the topic; ``bad_request``: its rule
+        keeps no presence), `ConnectionFailed` when the connection closes or
+        ``timeout`` seconds pass before the answer.
+        """
+        protocol = self._session
+        if protocol is None or protocol.state != protocol.STATE_OPEN or self._stopping:
+            return fail(NotConnected("not connected: no session is open to ask for presence"))
+        if not isinstance(topic, str):
+            return fail(ClientError("the topic must be a string"))
+        self._next_id += 1
+        request_id = self._next_id
+        answer: Deferred[dict[str, int]] = Deferred()
+        timer = self._reactor.callLater(timeout, self._presence_timed_out, request_id, timeout)
+        self._presence_requests[request_id] = (protocol, answer, timer)
+        protocol.send_json({"op": "presence", "id": request_id, "topic": topic})
+        return answer
 
     def run(self) -> Deferred[None]:
         """Start; the Deferred fires after `stop`, or fails with what ended it."""
@@ -565,11 +719,12 @@ class Subscriber:
         value = failure.value
         transient = (
             isinstance(value, ConnectionFailed) and not isinstance(value, CertificateError)
-        ) or (isinstance(value, APIError) and value.status in (429, 503))
+        ) or (isinstance(value, APIError) and value.status in RETRY_AFTER_STATUSES)
         if not transient:
             self._finish(failure)
             return
-        self._retry(f"no ticket ({value})")
+        retry_after = value.retry_after if isinstance(value, APIError) else None
+        self._retry(f"no ticket ({value})", retry_after)
 
     def _open(self, ticket: str) -> Deferred[None]:
         if self._stopping:
@@ -596,12 +751,14 @@ class Subscriber:
 
         return d.addCallbacks(connected, failed)
 
-    def _retry(self, why: str) -> None:
+    def _retry(self, why: str, retry_after: int | None = None) -> None:
         if self._stopping:
             self._finish(None)
             return
-        delay = self._backoff.delay(self._attempts, self._rand)
+        delay = self._backoff.delay(self._attempts, self._rand, retry_after)
         self._attempts += 1
+        if retry_after is not None:
+            why += f"; the server asked to wait {retry_after} s"
         self._on_status(f"{why}; reconnecting in {delay:.1f} s")
         self._timer = self._reactor.callLater(delay, self._connect)
 
@@ -611,6 +768,7 @@ class Subscriber:
             return
         self._stopping = True
         self._cancel_resubscribes()
+        self._fail_presence_requests(None, "the subscriber stopped")
         if result is None:
             done.callback(None)
         else:
@@ -756,6 +914,91 @@ class Subscriber:
                 self._advance(topic, position)
         self._on_message(frame)
 
+    # -- session refresh (SPEC section 9)
+
+    def _expiring(self, protocol: _SubscriberProtocol) -> None:
+        """The session ends soon: get a fresh ticket and refresh in-band."""
+        if protocol is not self._session or self._stopping or self._refreshing:
+            return
+        self._refreshing = True
+        d = maybeDeferred(self._get_ticket)
+        d.addCallbacks(
+            self._send_refresh,
+            self._refresh_ticket_failed,
+            callbackArgs=(protocol,),
+            errbackArgs=(protocol,),
+        )
+
+    def _send_refresh(self, ticket: object, protocol: _SubscriberProtocol) -> None:
+        if protocol is not self._session or protocol.state != protocol.STATE_OPEN:
+            return  # that connection is gone; the ticket stays unused and expires
+        if self._stopping:
+            self._refreshing = False
+            return
+        if not isinstance(ticket, str) or not ticket:
+            self._refresh_failed("get_ticket gave no ticket")
+            return
+        self._next_id += 1
+        self._refresh_id = self._next_id
+        protocol.send_json({"op": "refresh", "id": self._refresh_id, "ticket": ticket})
+
+    def _refresh_ticket_failed(self, failure: Failure, protocol: _SubscriberProtocol) -> None:
+        if protocol is self._session:
+            self._refresh_failed(f"no ticket: {_describe(failure)}")
+
+    def _refreshed(self, frame: dict[str, Any]) -> None:
+        self._refreshing, self._refresh_id = False, None
+        expires_at = _timestamp(frame.get("expires_at"))
+        self._expires_at = expires_at
+        if expires_at is None:
+            self._on_status("session refreshed")
+        else:
+            self._on_status(f"session refreshed until {_clock(expires_at)}")
+
+    def _refresh_failed(self, why: str) -> None:
+        self._refreshing, self._refresh_id = False, None
+        when = f" at {_clock(self._expires_at)}" if self._expires_at is not None else ""
+        self._on_status(
+            f"session not refreshed ({why}); it ends{when}, then the subscriber reconnects"
+        )
+
+    # -- presence requests (SPEC section 10)
+
+    def _presence_answer(self, frame: dict[str, Any]) -> None:
+        frame_id = frame.get("id")
+        request = self._presence_requests.pop(frame_id, None) if type(frame_id) is int else None
+        if request is None:
+            return
+        _, answer, timer = request
+        if timer.active():
+            timer.cancel()
+        users = checked_users(frame.get("users"))
+        if users is None:
+            answer.errback(RequestFailed("unexpected_response", "the answer is not a presence map"))
+        else:
+            answer.callback(users)
+
+    def _presence_refused(self, frame_id: int, frame: dict[str, Any]) -> None:
+        _, answer, timer = self._presence_requests.pop(frame_id)
+        if timer.active():
+            timer.cancel()
+        code = _printable(frame.get("code"), 40)
+        answer.errback(RequestFailed(code, _printable(frame.get("message"), 300)))
+
+    def _presence_timed_out(self, request_id: int, timeout: float) -> None:
+        request = self._presence_requests.pop(request_id, None)
+        if request is not None:
+            request[1].errback(ConnectionFailed(f"no presence answer in {timeout:g} s", sent=True))
+
+    def _fail_presence_requests(self, protocol: _SubscriberProtocol | None, why: str) -> None:
+        """Fail the presence requests sent on ``protocol`` (all of them when None)."""
+        for request_id, (sent_on, answer, timer) in list(self._presence_requests.items()):
+            if protocol is None or sent_on is protocol:
+                del self._presence_requests[request_id]
+                if timer.active():
+                    timer.cancel()
+                answer.errback(ConnectionFailed(f"{why} before the presence answer", sent=True))
+
     # -- called by the protocol
 
     def _frame(self, protocol: _SubscriberProtocol, frame: dict[str, Any]) -> None:
@@ -763,7 +1006,23 @@ class Subscriber:
         request: tuple[str, Position | None] | None
         if op == "message":
             self._handed_on(frame)
+        elif op in ("join", "leave"):
+            self._on_event(frame)
+        elif op == "expiring":
+            self._expiring(protocol)
+        elif op == "presence":
+            self._presence_answer(frame)
+        elif op == "ok" and type(frame_id) is int and frame_id == self._refresh_id:
+            self._refreshed(frame)
+        elif op == "error" and type(frame_id) is int and frame_id == self._refresh_id:
+            code = _printable(frame.get("code"), 40)
+            self._refresh_failed(f"{code}: {_printable(frame.get('message'), 300)}")
+        elif op == "error" and type(frame_id) is int and frame_id in self._presence_requests:
+            self._presence_refused(frame_id, frame)
         elif op == "welcome":
+            self._session = protocol
+            self._expires_at = _timestamp(frame.get("expires_at"))
+            self._refreshing, self._refresh_id = False, None
             self._pending = {}
             self._cancel_resubscribes()
             self._awaiting = set(self._patterns)
@@ -793,14 +1052,31 @@ class Subscriber:
             self._protocol = None
             self._pending = {}
             self._cancel_resubscribes()
+        if protocol is self._session:
+            self._session = None
+            self._expires_at = None
+            self._refreshing, self._refresh_id = False, None
+        self._fail_presence_requests(protocol, "the connection closed")
         if self._stopping:
             self._finish(None)
             return
-        lost = protocol.factory.lost_reason
+        factory = protocol.factory
+        lost = factory.lost_reason
         if lost is not None and _is_tls_failure(lost):
             self._finish(_as_client_error(lost, self._url.origin))
             return
+        if factory.refused_status is not None:
+            # The upgrade was refused (403: the ticket was spent or expired on the way;
+            # 429: too many connections from here; 503: the ticket store is down).
+            retry_after = factory.retry_after if factory.refused_status in (429, 503) else None
+            self._retry(
+                f"the server refused the connection (HTTP {factory.refused_status})", retry_after
+            )
+            return
         if code in FATAL_CLOSE_CODES:
             self._finish(Failure(ClientError(f"the server closed the connection with code {code}")))
+            return
+        if code == CLOSE_SESSION_EXPIRED:
+            self._retry(f"connection closed (code {code}: the session expired)")
             return
         self._retry(f"connection closed (code {code})")
