@@ -42,9 +42,9 @@ from securepub.server.api import (
 )
 from securepub.server.files import StaticFiles
 from securepub.server.protocol import SecurePubFactory
-from securepub.server.reuseport import ReusePortTLSEndpoint
+from securepub.server.reuseport import BACKLOG, ReusePortTLSEndpoint
 from securepub.server.settings import Settings
-from securepub.server.site import Root, SecurePubSite, WebSocketOnly
+from securepub.server.site import Opening, Root, SecurePubSite, WebSocketOnly
 from securepub.server.tls import ReloadableServerTLS, server_context_factory
 
 _log = Logger()
@@ -123,6 +123,7 @@ class Node:
             ids=self.ids,
             metrics=self.metrics,
         )
+        self.opening = Opening(limits.max_opening_connections)
         self.factory = SecurePubFactory(
             broker=self.broker,
             tickets=self.tickets,
@@ -131,6 +132,7 @@ class Node:
             clock=reactor,
             proxies=settings.proxies,
             metrics=self.metrics,
+            opening=self.opening,
         )
         self._register_gauges()
         routes = {
@@ -157,6 +159,7 @@ class Node:
             timeout=HTTP_IDLE_TIMEOUT,
             reactor=reactor,
             proxies=settings.proxies,
+            opening=self.opening,
             # Our bodies are JSON: skip twisted.web's form parsing, whose
             # Content-Type parsing alone was 22% of issuing a ticket (bench/).
             parsePOSTFormSubmission=False,
@@ -217,6 +220,17 @@ class Node:
             "open_connections",
             "Open WebSocket connections.",
             lambda: len(self.factory.open_connections),
+        )
+        opening = self.opening
+        gauge(
+            "opening_connections",
+            "Connections still opening: TLS, first request headers, or ticket redemption.",
+            lambda: opening.count + opening.redeeming,
+        )
+        gauge(
+            "shed_connections",
+            "Connections dropped at once since start: max_opening_connections were opening.",
+            lambda: opening.shed,
         )
         gauge(
             "ticket_store_entries",
@@ -289,7 +303,7 @@ class Node:
         if settings.reuse_port:
             return ReusePortTLSEndpoint(self.reactor, settings.port, self.tls, settings.interface)
         return SSL4ServerEndpoint(
-            self.reactor, settings.port, self.tls, interface=settings.interface
+            self.reactor, settings.port, self.tls, backlog=BACKLOG, interface=settings.interface
         )
 
 

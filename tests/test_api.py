@@ -7,9 +7,11 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from securepub.broker.broker import Broker, Grants, RecordingSubscriber
@@ -33,7 +35,7 @@ from securepub.server.api import (
     TicketsResource,
 )
 from securepub.server.protocol import SecurePubFactory
-from securepub.server.site import Root, SecurePubSite, WebSocketOnly
+from securepub.server.site import Opening, Root, SecurePubSite, WebSocketOnly
 
 KEY = "test-api-key-0123456789abcdef"
 
@@ -655,3 +657,28 @@ class HistoryApiTests(SynchronousTestCase):
             self.call("GET", "/v1/history?topic=news.mine", key=self.SCOPED).status, 200
         )
         self.assertEqual(self.call("POST", "/v1/history?topic=news.a", {}).status, 405)
+
+
+class OpeningSiteTests(SynchronousTestCase):
+    def test_connections_past_the_limit_are_dropped_at_once(self) -> None:
+        """With max_opening_connections opening, a new one is dropped before any work;
+        one whose headers are in no longer counts."""
+        clock = Clock()
+        opening = Opening(limit=2)
+        site = SecurePubSite(
+            Root({b"healthz": Health()}), max_body_bytes=100, reactor=clock, opening=opening
+        )
+        transports = []
+        for n in range(3):
+            channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.5", 4000 + n))
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            transports.append((channel, transport))
+        self.assertEqual((opening.count, opening.shed), (2, 1))
+        self.assertTrue(transports[2][1].disconnecting)
+        channel, transport = transports[0]
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(opening.count, 1)
+        self.assertIn(b"200", transport.value().split(b"\r\n")[0])
+        transports[1][0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(opening.count, 0)

@@ -30,6 +30,7 @@ from securepub.engines.memory.history import MemoryHistory
 from securepub.engines.memory.presence import MemoryPresence
 from securepub.engines.memory.tickets import MemoryTicketStore
 from securepub.server.protocol import SecurePubFactory, SecurePubServerProtocol
+from securepub.server.site import Opening
 from tests.wsframes import client_frame, handshake, server_frames, split_response
 
 txaio.use_twisted()
@@ -668,3 +669,27 @@ class HistoryFrameTests(SynchronousTestCase):
         )
         [error] = conn.messages()
         self.assertEqual(error["code"], "forbidden")
+
+
+class OpeningTests(SynchronousTestCase):
+    """A storm of opening connections degrades into 503s with Retry-After, then drops."""
+
+    def test_crowded_upgrades_get_503_with_retry_after_and_keep_their_ticket(self) -> None:
+        """Past half the limit of opening connections an upgrade is refused before its
+        ticket is looked at; the ticket still works once the crowd is gone."""
+        h = Harness(self)
+        opening = Opening(limit=4)
+        h.factory.opening = opening
+        opening.count = 3
+        token = h.ticket()
+        conn = h.connect(handshake(protocols=["securepub.v1", "ticket." + token]))
+        self.assertEqual(conn.status(), 503)
+        retry = int(
+            dict(line.split(b": ", 1) for line in conn.head().split(b"\r\n")[1:] if b": " in line)[
+                b"Retry-After"
+            ]
+        )
+        self.assertTrue(1 <= retry <= 5)
+        opening.count = 0
+        again = h.connect(handshake(protocols=["securepub.v1", "ticket." + token]))
+        self.assertEqual(again.status(), 101)

@@ -22,6 +22,10 @@ class Limits:
     max_session_seconds: int = 3600
     #: ... and the least (SPEC: 60; lower it only to test refreshes quickly).
     min_session_seconds: int = 60
+    #: Connections still opening (TLS handshake, first request headers, ticket
+    #: redemption) the node takes at once: past half of it an upgrade is
+    #: answered 503 with Retry-After, past all of it a new connection is dropped.
+    max_opening_connections: int = 2000
 
     @property
     def max_frame_bytes(self) -> int:

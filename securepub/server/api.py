@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -77,8 +78,25 @@ def respond(request: Request, status: int, value: dict[str, Any]) -> bytes:
 
 
 def error_body(request: Request, code: str, message: str) -> bytes:
-    """The SPEC's ``{"error": code, "message": text}`` with the code's status."""
-    return respond(request, STATUS[code], {"error": code, "message": message})
+    """The SPEC's ``{"error": code, "message": text}`` with the code's status.
+
+    A 429 or a 503 says when to try again (1 to 5 s, spread so that many
+    clients do not come back in step).
+    """
+    status = STATUS[code]
+    body = respond(request, status, {"error": code, "message": message})
+    if status in (429, 503):
+        request.setHeader(b"retry-after", b"%d" % retry_after())
+    return body
+
+
+#: The Retry-After of a 429 or 503, in seconds: a random value in this range.
+RETRY_AFTER_SECONDS = (1, 5)
+
+
+def retry_after() -> int:
+    """Seconds a refused client should wait, spread so a crowd comes back apart."""
+    return random.randint(*RETRY_AFTER_SECONDS)  # noqa: S311 - jitter, not a secret
 
 
 def client_ip(request: Request) -> str:

@@ -26,6 +26,8 @@ from securepub.core.origin import OriginPolicy
 from securepub.core.ratelimit import ConnectionCounter
 from securepub.core.tickets import ITicketStore, StoreUnavailable, Ticket, TicketRefused
 from securepub.ops.metrics import Metrics
+from securepub.server.api import retry_after
+from securepub.server.site import Opening
 
 SUBPROTOCOL = "securepub.v1"
 TICKET_PREFIX = "ticket."
@@ -178,6 +180,10 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         if not f.connections.acquire(peer):
             self._deny(429, "too_many_connections")
         self._counted_ip = peer
+        opening = f.opening
+        if opening is not None and opening.crowded():
+            # Before the ticket: it stays good for the retry.
+            self._deny(503, "too_many_opening")
         tokens = [p[len(TICKET_PREFIX) :] for p in request.protocols if p.startswith(TICKET_PREFIX)]
         tokens += request.params.get("ticket", [])
         if not tokens:
@@ -185,12 +191,23 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         if len(tokens) > 1:
             self._deny(400, "several_tickets")
         offered = SUBPROTOCOL in request.protocols
-        d: Deferred[Ticket] = maybeDeferred(f.tickets.redeem, tokens[0], peer)
-        d.addBoth(self._timed_redemption, f.clock.seconds())
+        d = self._redeem(tokens[0], peer)
         return d.addCallbacks(self._redeemed, self._not_redeemed, callbackArgs=(offered,))
 
-    def _timed_redemption(self, result: object, started: float) -> object:
-        self.factory.metrics.ticket_redemption.observe(self.factory.clock.seconds() - started)
+    def _redeem(self, token: str, peer: str) -> Deferred[Ticket]:
+        """Redeem at the store, timed, and counted as opening while it is out."""
+        f = self.factory
+        if f.opening is not None:
+            f.opening.redeeming += 1
+        d: Deferred[Ticket] = maybeDeferred(f.tickets.redeem, token, peer)
+        d.addBoth(self._redemption_done, f.clock.seconds())
+        return d
+
+    def _redemption_done(self, result: object, started: float) -> object:
+        f = self.factory
+        if f.opening is not None:
+            f.opening.redeeming -= 1
+        f.metrics.ticket_redemption.observe(f.clock.seconds() - started)
         return result
 
     def _redeemed(self, ticket: Ticket, offered: bool) -> str | None:
@@ -241,6 +258,8 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
             # Refused by Autobahn itself (malformed request, bad version, ...).
             self._log_handshake("refused", code, "malformed_handshake")
         headers = [*(responseHeaders or []), ("Content-Length", "0"), ("Connection", "close")]
+        if code in (429, 503):
+            headers.append(("Retry-After", str(retry_after())))
         super().failHandshake(_REASON_PHRASES.get(code, "Refused"), code, headers)
 
     # -- open connection --------------------------------------------------
@@ -329,9 +348,7 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         token = message["ticket"]
         if not isinstance(token, str):
             raise RequestError("bad_request", "'ticket' must be a string")
-        f = self.factory
-        d: Deferred[Ticket] = maybeDeferred(f.tickets.redeem, token, self._hs["peer"])
-        d.addBoth(self._timed_redemption, f.clock.seconds())
+        d = self._redeem(token, self._hs["peer"])
         return d.addCallbacks(
             self._refreshed,
             self._refresh_refused,
@@ -517,8 +534,11 @@ class SecurePubFactory(WebSocketServerFactory):
         auto_ping_timeout: float = 10.0,
         proxies: ProxyPolicy | None = None,
         metrics: Metrics | None = None,
+        opening: Opening | None = None,
     ) -> None:
         super().__init__(server="securepub")
+        #: Connections still opening, shared with the site (None: not counted).
+        self.opening = opening
         self.broker = broker
         self.tickets = tickets
         self.origin_policy = origin_policy

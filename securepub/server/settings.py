@@ -85,6 +85,7 @@ _LIMIT_SPECS: tuple[tuple[str, type, float, float], ...] = (
     ("max_history_bytes", int, 1024 * 1024, 64 * 1024 * 1024 * 1024),
     ("max_session_seconds", int, 1, 86_400),
     ("min_session_seconds", int, 1, 86_400),
+    ("max_opening_connections", int, 2, 1_000_000),
 )
 
 

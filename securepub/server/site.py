@@ -91,6 +91,32 @@ class CappedRequest(Request):
         )
 
 
+class Opening:
+    """Connections still opening: counted by the site, consulted at each upgrade.
+
+    ``count`` is connections accepted whose first request's headers have not
+    all arrived (their TLS handshake included), ``redeeming`` upgrades whose
+    ticket the store has not answered yet. Past ``limit`` a new connection is
+    dropped at once; past half of it an upgrade is answered 503 (see the
+    protocol), so a reconnect storm becomes refusals with Retry-After and
+    the node keeps answering ``/healthz``.
+    """
+
+    __slots__ = ("count", "limit", "redeeming", "shed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.redeeming = 0
+        self.shed = 0
+
+    def full(self) -> bool:
+        return self.count + self.redeeming >= self.limit
+
+    def crowded(self) -> bool:
+        return self.count + self.redeeming > self.limit // 2
+
+
 class DeadlineChannel(HTTPChannel):
     """An HTTP channel that must receive a request's headers within a deadline.
 
@@ -103,10 +129,27 @@ class DeadlineChannel(HTTPChannel):
     headers_timeout: float = 10.0
     _deadline: IDelayedCall | None = None
     _between_requests = False
+    #: Counted in the site's `Opening` until its first request's headers are in.
+    _opening: Opening | None = None
 
     def connectionMade(self) -> None:
+        opening: Opening | None = getattr(getattr(self, "site", None), "opening", None)
+        if opening is not None:
+            if opening.full():
+                # A storm: shed it before any TLS work, the cheapest answer there is.
+                opening.shed += 1
+                assert self.transport is not None
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+                return
+            opening.count += 1
+            self._opening = opening
         super().connectionMade()
         self._arm()
+
+    def _opened(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.count -= 1
 
     def dataReceived(self, data: bytes) -> None:
         if self._between_requests:
@@ -116,6 +159,7 @@ class DeadlineChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._disarm()
+        self._opened()
         super().allHeadersReceived()
 
     def requestDone(self, request: Request) -> None:
@@ -124,6 +168,7 @@ class DeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
+        self._opened()
         super().connectionLost(reason)
 
     def _arm(self) -> None:
@@ -169,9 +214,12 @@ class SecurePubSite(Site):
         max_body_bytes: int,
         headers_timeout: float = 10.0,
         proxies: ProxyPolicy | None = None,
+        opening: Opening | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
+        #: Connections still opening (None: not counted).
+        self.opening = opening
         self.max_body_bytes = max_body_bytes
         self.headers_timeout = headers_timeout
         #: Trusted reverse proxies, for the client's address (see `api.client_ip`).

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from securepub.core import jsonstrict
 from securepub.core.engine import IPresence, IReceiver
 from securepub.core.errors import RequestError
 from securepub.core.ids import MessageIds
@@ -174,7 +175,8 @@ return 1
 """
 )
 
-#: ``user, sessions, ...`` summed over the topic's live nodes. KEYS: topic set.
+#: ``{user: sessions}`` summed over the topic's live nodes, as one JSON text (a
+#: reply of thousands of elements costs txredisapi far more to parse). KEYS: topic set.
 QUERY_SCRIPT: Final = Script(
     _COMMON
     + """
@@ -186,11 +188,13 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     for i = 1, #entry, 2 do users[entry[i]] = (users[entry[i]] or 0) + tonumber(entry[i + 1]) end
   end
 end
-local flat = {}
+local present = {}
+local any = false
 for user, n in pairs(users) do
-  if n > 0 then table.insert(flat, user); table.insert(flat, n) end
+  if n > 0 then present[user] = n; any = true end
 end
-return flat
+if not any then return '{}' end
+return cjson.encode(present)
 """
 )
 
@@ -354,12 +358,18 @@ def _entry_ms() -> int:
 
 
 def _users(reply: Any) -> dict[str, int]:
-    if not isinstance(reply, list) or len(reply) % 2:
+    """The users map from Redis, checked: names and positive integer counts only."""
+    try:
+        value = jsonstrict.loads(reply) if isinstance(reply, str) else None
+    except RequestError:
+        value = None
+    if not isinstance(value, dict):
         raise RequestError("unavailable", "unexpected reply from the cluster engine")
     users: dict[str, int] = {}
-    for user, n in zip(reply[::2], reply[1::2], strict=True):
-        if isinstance(user, str) and isinstance(n, int) and n > 0:
-            users[user] = n
+    for user, n in value.items():
+        if isinstance(n, int | float) and not isinstance(n, bool) and n >= 1 and n == int(n):
+            if user and len(user.encode("utf-8")) <= 255:
+                users[user] = int(n)
     return users
 
 
