@@ -8,6 +8,11 @@
 //   });
 //   await client.subscribe("news.*");
 //   await client.publish("chat.room1", {text: "hi"});
+//   const users = await client.presence("chat.room1");   // {"alice": 2, "bob": 1}
+//
+// The session lasts until client.expiresAt; when the server says it is
+// expiring, getTicket() is called again and the fresh ticket is sent over the
+// same connection (a "refresh" frame), so nothing is missed.
 //
 // Every frame is parsed with JSON.parse and handed over as data; nothing
 // here turns server data into markup or code. Render it with textContent.
@@ -17,18 +22,29 @@ export const SUBPROTOCOL = "securepub.v1";
 // Close codes after which reconnecting cannot help: the client must be fixed.
 export const FATAL_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
 
+// The close code of a session that reached its expires_at without a refresh:
+// reconnecting, with a new ticket, is the cure (SPEC section 9).
+export const SESSION_EXPIRED = 4003;
+
+// A retryAfter hint from getTicket() is honoured up to this many seconds (as the Python clients do).
+export const MAX_RETRY_AFTER = 60;
+
 // Why the server ends a subscription when it lost track of the topic's order:
 // subscribing again `since` the last offset says whether anything was lost.
 export const LOST_ORDER = "insufficient_state";
 
 const TICKET_SHAPE = /^[A-Za-z0-9_-]{1,512}$/;
 
-/** An `error` reply, a refused connection or a ticket that could not be had. */
+/**
+ * An `error` reply, a refused connection or a ticket that could not be had.
+ * `retryAfter` (seconds) is set when getTicket() asked to wait that long.
+ */
 export class SecurePubError extends Error {
-  constructor(code, message) {
+  constructor(code, message, retryAfter) {
     super(message);
     this.name = "SecurePubError";
     this.code = code;
+    if (retryAfter !== undefined) this.retryAfter = retryAfter;
   }
 }
 
@@ -74,6 +90,36 @@ function backoff(initialDelay, maxDelay, attempt) {
   return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
 }
 
+// The seconds a getTicket() failure asked to wait (its `retryAfter`: a number, or a
+// string of digits as a Retry-After header holds), capped at MAX_RETRY_AFTER; else undefined.
+function retryAfterOf(error) {
+  if (error === null || (typeof error !== "object" && typeof error !== "function")) return undefined;
+  let value;
+  try {
+    value = error.retryAfter;
+  } catch (e) {
+    return undefined;
+  }
+  if (typeof value === "string" && /^\s*[0-9]{1,9}\s*$/.test(value)) value = Number(value);
+  if (typeof value !== "number" || !Number.isFinite(value) || value < 0) return undefined;
+  return Math.min(value, MAX_RETRY_AFTER);
+}
+
+// At least `seconds`, plus jitter (up to a quarter of it and one initialDelay), so the
+// pages told to wait do not all come back at the same instant.
+function afterRetryAfter(seconds, initialDelay) {
+  const wait = seconds * 1000;
+  return Math.ceil(wait + Math.random() * (wait / 4 + initialDelay));
+}
+
+// The shape of a presence answer: user -> number of sessions.
+function usersOf(value) {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) return null;
+  const entries = Object.entries(value);
+  for (const [, count] of entries) if (!isOffset(count)) return null;
+  return Object.fromEntries(entries);
+}
+
 // At most this many offsets are remembered per topic as already handed over
 // ahead of a resume (see `early` below); past it, repeats are no longer filtered.
 const MAX_EARLY = 1000;
@@ -98,14 +144,30 @@ const MAX_EARLY = 1000;
  *                        cover it); it is forgotten, and onError hears of it too
  * options.onError        (error) => void, a SecurePubError
  * options.onStateChange  (state, detail) => void; state is "connecting", "open",
- *                        "reconnecting" (detail.delay in ms) or "closed"
+ *                        "reconnecting" (detail.delay in ms, detail.code) or "closed"
+ * options.onRefresh      ({expiresAt}) => void: the session was refreshed in-band and
+ *                        now lasts until expiresAt (epoch seconds, the server's clock)
+ * options.onJoin         (topic, user) => void: a user's first session subscribed to a
+ *                        subscribed topic whose rule has join_leave = true
+ * options.onLeave        (topic, user) => void: that user's last session left it
  * options.initialDelay, options.maxDelay   backoff bounds in ms (default 500, 30000), for
  *                        reconnecting and for subscribing again after "unavailable"
  *
- * Returns a client with subscribe(topic), unsubscribe(topic) and publish(topic, data),
- * each returning a Promise resolved by the server's "ok" and rejected by its "error"
- * (a SecurePubError with .code), and close(). subscribe() resolves with
- * {offset, epoch, recovered} (each undefined when the server did not say).
+ * getTicket() may fail (throw or reject) with an object carrying `retryAfter` (seconds,
+ * e.g. from the ticket endpoint's Retry-After header): the next try then waits at least
+ * that long (capped at MAX_RETRY_AFTER), with jitter.
+ *
+ * Sessions end (SPEC section 9): on the server's "expiring" notice getTicket() is called
+ * again and the ticket sent in a "refresh" frame over the same connection; subscriptions
+ * stay. A refresh that fails is reported through onError and tried once more after a
+ * short jittered delay if the session has time left; if the session still ends, the
+ * server closes with 4003 and the client reconnects (and resumes) as after any loss.
+ *
+ * Returns a client with subscribe(topic), unsubscribe(topic), publish(topic, data) and
+ * presence(topic), each returning a Promise resolved by the server's answer and rejected
+ * by its "error" (a SecurePubError with .code), close(), and the state, session and
+ * expiresAt properties. subscribe() resolves with {offset, epoch, recovered} (each
+ * undefined when the server did not say); presence() with {user: sessions}.
  */
 export function connect(options = {}) {
   const url = checkUrl(options.url || defaultUrl());
@@ -119,6 +181,9 @@ export function connect(options = {}) {
   const onUnsubscribed = options.onUnsubscribed || noop;
   const onError = options.onError || noop;
   const onStateChange = options.onStateChange || noop;
+  const onRefresh = options.onRefresh || noop;
+  const onJoin = options.onJoin || noop;
+  const onLeave = options.onLeave || noop;
   const initialDelay = options.initialDelay ?? 500;
   const maxDelay = options.maxDelay ?? 30000;
 
@@ -143,6 +208,10 @@ export function connect(options = {}) {
   let timer = null;
   let closedByUser = false;
   let session = null;
+  // When the current session ends unless refreshed: epoch seconds, or null.
+  let expiresAt = null;
+  // The refresh under way on the current connection: {ws, tries, timer}, or null.
+  let refreshing = null;
 
   function safely(callback, ...args) {
     try {
@@ -380,10 +449,20 @@ export function connect(options = {}) {
     }
   }
 
-  function describe(error) {
-    if (error instanceof SecurePubError) return error;
-    const text = error && error.message ? error.message : String(error);
-    return new SecurePubError("no_ticket", "getTicket() failed: " + text);
+  // What a getTicket() failure is reported as; never holds a ticket (there is none).
+  function describe(error, retryAfter) {
+    if (error instanceof SecurePubError) {
+      if (retryAfter !== undefined && error.retryAfter === undefined) error.retryAfter = retryAfter;
+      return error;
+    }
+    let text;
+    try {
+      text = error && error.message ? String(error.message) : String(error);
+    } catch (e) {
+      text = "(no description)";
+    }
+    const wait = retryAfter === undefined ? "" : " (retry after " + retryAfter + " s)";
+    return new SecurePubError("no_ticket", "getTicket() failed: " + text + wait, retryAfter);
   }
 
   async function open() {
@@ -394,8 +473,9 @@ export function connect(options = {}) {
     try {
       ticket = ticketOf(await getTicket());
     } catch (e) {
-      report(describe(e));
-      scheduleReconnect();
+      const retryAfter = retryAfterOf(e);
+      report(describe(e, retryAfter));
+      scheduleReconnect(undefined, retryAfter);
       return;
     }
     if (closedByUser) {
@@ -437,6 +517,7 @@ export function connect(options = {}) {
           return;
         }
         session = { session: message.session, user: message.user };
+        expiresAt = isTime(message.expires_at) ? message.expires_at : null;
         attempt = 0;
         setState("open", session);
         // Resumes first: the server then holds back what an overlapping pattern would
@@ -452,16 +533,28 @@ export function connect(options = {}) {
       case "unsubscribed":
         ended(message.topic, message.reason);
         break;
+      case "expiring":
+        if (isTime(message.expires_at)) expiresAt = message.expires_at;
+        startRefresh();
+        break;
+      case "join":
+      case "leave":
+        if (typeof message.topic === "string" && typeof message.user === "string") {
+          safely(message.op === "join" ? onJoin : onLeave, message.topic, message.user);
+        }
+        break;
       case "ok":
-      case "error": {
+      case "error":
+      case "presence": {
+        // An answer: "presence" answers a presence request only.
         const entry = pending.get(message.id);
-        if (entry === undefined) {
+        if (entry === undefined || (message.op === "presence" && entry.op !== "presence")) {
           if (message.op === "error") report(errorOf(message));
           return;
         }
         pending.delete(message.id);
-        if (message.op === "ok") entry.ok(message);
-        else entry.fail(errorOf(message));
+        if (message.op === "error") entry.fail(errorOf(message));
+        else entry.ok(message);
         break;
       }
       default:
@@ -472,6 +565,8 @@ export function connect(options = {}) {
   function closed(code, reason) {
     socket = null;
     session = null;
+    expiresAt = null;
+    stopRefresh();
     failPending();
     for (const sub of subscriptions.values()) {
       stopRetry(sub);
@@ -493,15 +588,89 @@ export function connect(options = {}) {
     scheduleReconnect(code);
   }
 
-  function scheduleReconnect(code) {
+  // The next connection attempt, after the backoff, or after at least `retryAfter`
+  // seconds (with jitter) when getTicket() asked for that.
+  function scheduleReconnect(code, retryAfter) {
     if (closedByUser) {
       setState("closed", {});
       return;
     }
-    const delay = backoff(initialDelay, maxDelay, attempt);
+    let delay = backoff(initialDelay, maxDelay, attempt);
+    if (retryAfter !== undefined) delay = Math.max(delay, afterRetryAfter(retryAfter, initialDelay));
     attempt += 1;
-    setState("reconnecting", { delay, code });
+    const detail = { delay, code };
+    if (retryAfter !== undefined) detail.retryAfter = retryAfter;
+    setState("reconnecting", detail);
     timer = setTimeout(open, delay);
+  }
+
+  // -- session refresh (SPEC section 9)
+
+  function isTime(value) {
+    return typeof value === "number" && Number.isFinite(value) && value > 0;
+  }
+
+  function stopRefresh() {
+    if (refreshing !== null && refreshing.timer !== null) clearTimeout(refreshing.timer);
+    refreshing = null;
+  }
+
+  // The server said the session ends soon: refresh it, unless that is under way already.
+  function startRefresh() {
+    if (state !== "open" || closedByUser || refreshing !== null) return;
+    refreshing = { ws: socket, tries: 0, timer: null };
+    refresh(refreshing);
+  }
+
+  // One try: a fresh ticket from the application, sent in a refresh frame. The ticket
+  // goes in that frame only: never in a URL, an error or a log line.
+  async function refresh(job) {
+    job.timer = null;
+    job.tries += 1;
+    let ticket;
+    try {
+      ticket = ticketOf(await getTicket());
+    } catch (e) {
+      if (refreshing !== job) return;
+      const retryAfter = retryAfterOf(e);
+      refreshFailed(job, describe(e, retryAfter), retryAfter);
+      return;
+    }
+    if (refreshing !== job || socket !== job.ws || state !== "open") return; // gone meanwhile
+    request(
+      { op: "refresh", ticket },
+      (answer) => {
+        if (refreshing !== job) return;
+        refreshing = null;
+        if (isTime(answer.expires_at)) expiresAt = answer.expires_at;
+        safely(onRefresh, { expiresAt });
+      },
+      (error) => {
+        // Lost with its connection: the next connection has a session of its own.
+        if (refreshing !== job || error.code === "connection_lost") return;
+        refreshFailed(job, error);
+      },
+    );
+  }
+
+  // Report, and try once more after a short jittered delay if the session has time left.
+  function refreshFailed(job, error, retryAfter) {
+    report(error);
+    if (job.tries >= 2) {
+      refreshing = null;
+      return;
+    }
+    let delay = backoff(initialDelay, maxDelay, 1);
+    if (retryAfter !== undefined) delay = Math.max(delay, afterRetryAfter(retryAfter, initialDelay));
+    const left = expiresAt === null ? Infinity : expiresAt * 1000 - Date.now();
+    if (delay + 250 >= left) {
+      // Too late to try again: the session ends with 4003 and the client reconnects.
+      refreshing = null;
+      return;
+    }
+    job.timer = setTimeout(() => {
+      if (refreshing === job && socket === job.ws && state === "open") refresh(job);
+    }, delay);
   }
 
   const client = {
@@ -513,6 +682,14 @@ export function connect(options = {}) {
     /** {session, user} from the server's welcome while open, else null. */
     get session() {
       return session;
+    },
+
+    /**
+     * When the current session ends unless it is refreshed (epoch seconds, by the
+     * server's clock), from the welcome and each refresh; null while not open.
+     */
+    get expiresAt() {
+      return expiresAt;
     },
 
     /**
@@ -560,6 +737,33 @@ export function connect(options = {}) {
       return ask({ op: "publish", topic, data });
     },
 
+    /**
+     * Who is on an exact topic whose rule has presence = true: resolves with
+     * {user: number of sessions subscribed}; rejects with a SecurePubError
+     * (forbidden, bad_request on a topic without presence, not_connected, ...).
+     */
+    presence(topic) {
+      if (closedByUser) return Promise.reject(new SecurePubError("closed", "the client is closed"));
+      if (typeof topic !== "string") return Promise.reject(new TypeError("a topic is a string"));
+      if (state !== "open") {
+        return Promise.reject(new SecurePubError("not_connected", "not connected; try again when open"));
+      }
+      return new Promise((resolve, reject) =>
+        request(
+          { op: "presence", topic },
+          (answer) => {
+            const users = usersOf(answer.users);
+            if (answer.op !== "presence" || users === null) {
+              reject(new SecurePubError("bad_frame", "the answer to presence is not a presence map"));
+            } else {
+              resolve(users);
+            }
+          },
+          reject,
+        ),
+      );
+    },
+
     /** Close for good: no more reconnects; what is still pending is rejected. */
     close() {
       if (closedByUser) return;
@@ -574,6 +778,8 @@ export function connect(options = {}) {
       const ws = socket;
       socket = null;
       session = null;
+      expiresAt = null;
+      stopRefresh();
       failPending();
       if (ws !== null) ws.close(1000);
       setState("closed", {});

@@ -1,5 +1,5 @@
 // The demo page: tickets from /dev/ticket, everything shown with textContent.
-import { connect } from "/static/securepub.js";
+import { connect, SESSION_EXPIRED } from "/static/securepub.js";
 
 const MAX_ITEMS = 200;
 const $ = (id) => document.getElementById(id);
@@ -21,7 +21,17 @@ function logEvent(text, isError = false) {
   prepend($("events"), element("li", isError ? "error" : "", time + "  " + text));
 }
 
+// HH:MM:SS, local time, of epoch seconds.
+function clockTime(seconds) {
+  const date = new Date(seconds * 1000);
+  return [date.getHours(), date.getMinutes(), date.getSeconds()]
+    .map((n) => String(n).padStart(2, "0"))
+    .join(":");
+}
+
 // A ticket for this page, bound to its address; POST + Origin, so other sites cannot mint one.
+// Called for every connection and for every refresh of the session. A refusal carries the
+// endpoint's Retry-After (seconds), so securepub.js waits at least that long.
 async function getTicket() {
   const response = await fetch("/dev/ticket", {
     method: "POST",
@@ -30,8 +40,25 @@ async function getTicket() {
     cache: "no-store",
     credentials: "same-origin",
   });
-  if (!response.ok) throw new Error("/dev/ticket answered " + response.status);
+  if (!response.ok) {
+    const error = new Error("/dev/ticket answered " + response.status);
+    const retryAfter = (response.headers.get("Retry-After") || "").trim();
+    if (/^[0-9]{1,9}$/.test(retryAfter)) error.retryAfter = Number(retryAfter);
+    throw error;
+  }
   return response.json();
+}
+
+// "session until HH:MM:SS": when the session ends unless refreshed (it is, automatically).
+function showExpiry(expiresAt) {
+  const label = $("expiry");
+  if (typeof expiresAt === "number") {
+    label.textContent = "session until " + clockTime(expiresAt);
+    label.dataset.expiresAt = String(expiresAt);
+  } else {
+    label.textContent = "";
+    delete label.dataset.expiresAt;
+  }
 }
 
 function showMessage(message) {
@@ -79,8 +106,54 @@ function showRecovery(topic, { recovered, offset }) {
   );
 }
 
+// -- presence: who is on a topic whose rule has presence = true
+
+// Topics whose users are shown, kept up to date as users join and leave.
+const shownPresence = new Set();
+
+function showPresence(topic, users) {
+  let item = byTopic("presence", topic);
+  if (!item) {
+    item = element("li");
+    item.dataset.topic = topic;
+    $("presence").append(item);
+  }
+  const names = Object.keys(users).sort();
+  const list = element("ul", "users");
+  for (const user of names) {
+    const entry = element("li", "user", user + (users[user] > 1 ? " (" + users[user] + " sessions)" : ""));
+    entry.dataset.user = user;
+    entry.dataset.sessions = String(users[user]);
+    list.append(entry);
+  }
+  item.replaceChildren(element("code", "", topic), element("span", "count", ": " + names.length + " present"), list);
+  item.dataset.users = names.join(" ");
+  shownPresence.add(topic);
+}
+
+function askPresence(topic) {
+  client.presence(topic).then(
+    (users) => {
+      showPresence(topic, users);
+      $("presence-result").textContent = "";
+      $("presence-result").className = "";
+    },
+    (error) => {
+      $("presence-result").textContent = "presence of " + topic + ": " + error.code + ": " + error.message;
+      $("presence-result").className = "error";
+    },
+  );
+}
+
+function presenceChanged(topic, user, verb) {
+  logEvent(user + " " + verb + " " + topic);
+  // A join or leave says the topic tracks presence: show (or refresh) who is there.
+  askPresence(topic);
+}
+
 function forgetTopic(topic) {
-  for (const listId of ["subscriptions", "recovery"]) {
+  shownPresence.delete(topic);
+  for (const listId of ["subscriptions", "recovery", "presence"]) {
     const item = byTopic(listId, topic);
     if (item) item.remove();
   }
@@ -112,14 +185,25 @@ const client = connect({
     forgetTopic(topic);
   },
   onError: (error) => logEvent(error.code + ": " + error.message, true),
+  onRefresh: ({ expiresAt }) => {
+    showExpiry(expiresAt);
+    logEvent("session refreshed" + (typeof expiresAt === "number" ? " until " + clockTime(expiresAt) : ""));
+  },
+  onJoin: (topic, user) => presenceChanged(topic, user, "joined"),
+  onLeave: (topic, user) => presenceChanged(topic, user, "left"),
   onStateChange: (state, detail) => {
     const label = $("state");
     label.textContent = state;
     label.dataset.state = state;
     $("session").textContent = state === "open" ? "as " + detail.user + " (session " + detail.session + ")" : "";
     document.body.dataset.state = state;
-    if (state === "reconnecting") logEvent("reconnecting in " + detail.delay + " ms");
-    else logEvent(state);
+    // Called once before connect() returns (state "connecting"): `client` exists from "open" on.
+    showExpiry(state === "open" ? client.expiresAt : null);
+    if (state === "reconnecting") {
+      const why = detail.code === SESSION_EXPIRED ? " (the session expired)" : "";
+      logEvent("reconnecting in " + detail.delay + " ms" + why);
+    } else logEvent(state);
+    if (state === "open") for (const topic of shownPresence) askPresence(topic);
   },
 });
 window.securepubDemo = client; // for the console and for tests
@@ -141,6 +225,11 @@ function subscribe(topic) {
 $("subscribe-form").addEventListener("submit", (e) => {
   e.preventDefault();
   subscribe($("subscribe-topic").value.trim());
+});
+
+$("presence-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  askPresence($("presence-topic").value.trim());
 });
 
 $("publish-form").addEventListener("submit", (e) => {
