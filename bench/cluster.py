@@ -1,14 +1,18 @@
-"""Cluster figures for the README: ticket redemptions/s against Redis, and
-cross-node publish-to-deliver latency (node A's API to a subscriber on node B).
+"""Cluster figures for the README: ticket redemptions/s against one and two Redis
+servers, and cross-node publish-to-deliver latency (node A's API to a subscriber
+on node B).
 
 Usage: python bench/cluster.py [--tickets 20000] [--messages 2000] [--rate 200]
-Starts its own redis-server and two nodes on free ports, all on 127.0.0.1.
+Starts its own redis-servers and two nodes on free ports, all on 127.0.0.1.
+Redemptions are driven by one process (like one node); the Redis CPU each
+redemption costs says what the servers could take from many nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -21,50 +25,75 @@ from tests.redis_server import RedisServer
 from tests.server import Server, recv_json, request_json
 
 
-def redemptions(redis_url: str, count: int) -> dict[str, Any]:
-    """Issue then redeem `count` tickets through RedisTicketStore, all in flight at once."""
+def redemptions(setups: list[list[RedisServer]], count: int) -> list[dict[str, Any]]:
+    """For each set of servers: issue then redeem `count` tickets, all in flight at once."""
     from twisted.internet import defer, reactor, task
 
     from securepub.core.tickets import Ticket
     from securepub.engines.redis.link import RedisLink, RedisTarget
     from securepub.engines.redis.tickets import RedisTicketStore
 
-    result: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
 
     @defer.inlineCallbacks
-    def run() -> Any:
-        link = RedisLink(reactor, RedisTarget.parse(redis_url), "commands")
-        link.startService()
-        while not link.is_connected():
+    def run(servers: list[RedisServer]) -> Any:
+        result: dict[str, Any] = {}
+        results.append(result)
+        targets = [RedisTarget.parse(server.url(db=1)) for server in servers]
+        links = [RedisLink(reactor, target, "commands") for target in targets]
+        for link in links:
+            link.startService()
+        while not all(link.is_connected() for link in links):
             yield task.deferLater(reactor, 0.05, lambda: None)
-        store = RedisTicketStore(link, reactor)
+        store = RedisTicketStore(
+            [(target.display(), link) for target, link in zip(targets, links, strict=True)],
+            reactor,
+        )
         now = reactor.seconds()
+        cpu0 = sum(_cpu(server) for server in servers)
         t0 = time.perf_counter()
         tokens = yield defer.gatherResults(
             [store.issue(Ticket("u", "127.0.0.1", (), (), now + 60)) for _ in range(count)]
         )
         t1 = time.perf_counter()
+        cpu1 = sum(_cpu(server) for server in servers)
         tickets = yield defer.gatherResults([store.redeem(t, "127.0.0.1") for t in tokens])
         t2 = time.perf_counter()
+        cpu2 = sum(_cpu(server) for server in servers)
         replays = yield defer.DeferredList(
             [store.redeem(t, "127.0.0.1") for t in tokens[:1000]], consumeErrors=True
         )
         assert len(tickets) == count and not any(ok for ok, _ in replays)
         result.update(
+            redis_servers=len(servers),
             tickets=count,
             issues_per_s=round(count / (t1 - t0)),
             redemptions_per_s=round(count / (t2 - t1)),
+            redis_cpu_us_per_issue=round((cpu1 - cpu0) / count * 1e6, 1),
+            redis_cpu_us_per_redemption=round((cpu2 - cpu1) / count * 1e6, 1),
         )
-        yield link.stopService()
+        for link in links:
+            yield link.stopService()
 
-    def main() -> None:
-        d = run()
-        d.addErrback(lambda f: result.update(error=str(f.value)))
-        d.addBoth(lambda _: reactor.stop())
+    @defer.inlineCallbacks
+    def main() -> Any:
+        try:
+            for servers in setups:
+                yield run(servers)
+        except Exception as e:  # noqa: BLE001 - reported, and the reactor stops
+            results.append({"error": str(e)})
+        reactor.stop()
 
     reactor.callWhenRunning(main)
     reactor.run()
-    return result
+    return results
+
+
+def _cpu(server: RedisServer) -> float:
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def latency(a: Server, b: Server, messages: int, rate: float) -> dict[str, Any]:
@@ -112,8 +141,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     args = parser.parse_args()
     redis = RedisServer().start()
+    second = RedisServer().start()
     try:
-        print(json.dumps({"redemptions": redemptions(redis.url(db=1), args.tickets)}))
+        for result in redemptions([[redis], [redis, second]], args.tickets):
+            print(json.dumps({"redemptions": result}))
         a = Server(extra_args=["--redis", redis.url()]).start()
         b = Server(extra_args=["--redis", redis.url()]).start()
         try:
@@ -123,6 +154,7 @@ def main() -> None:
             b.cleanup()
     finally:
         redis.cleanup()
+        second.cleanup()
 
 
 if __name__ == "__main__":

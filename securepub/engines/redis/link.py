@@ -14,7 +14,7 @@ import txredisapi
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -118,12 +118,21 @@ class IRedisLink(Interface):
         """Whether commands can be sent now."""
 
 
+#: Every script defined (at import, as module constants): loaded on each connection.
+_SCRIPTS: list[Script] = []
+
+
 class Script:
-    """A Lua script, run by its SHA-1 (EVALSHA), sent whole only when Redis lacks it."""
+    """A Lua script, run by its SHA-1 (EVALSHA), sent whole only when Redis lacks it.
+
+    Every command link loads all scripts when it connects (SCRIPT LOAD), so
+    the first crowd of calls after a (re)connect does not bounce on NOSCRIPT.
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()  # noqa: S324 - Redis's name
+        _SCRIPTS.append(self)
 
     def run(self, link: IRedisLink, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
         """Run on ``link``; a Redis that restarted (NOSCRIPT) gets the source once more."""
@@ -250,9 +259,13 @@ class RedisLink(Service):
         """Called by ClientService on each new connection: AUTH/SELECT, then a PING."""
 
         def ready(_: object) -> Deferred[Any]:
-            # One round trip before the link counts as up: over TLS the
-            # handshake (and the server's certificate check) is done by then.
-            d: Deferred[Any] = protocol.execute_command("PING")
+            # One round trip before the link counts as up (over TLS the
+            # handshake and the server's certificate check are done by then),
+            # which also loads every script.
+            loads = [protocol.execute_command("SCRIPT", "LOAD", s.source) for s in _SCRIPTS]
+            d: Deferred[Any] = DeferredList(
+                [*loads, protocol.execute_command("PING")], fireOnOneErrback=True
+            )
             return d
 
         def up(_: object) -> None:
