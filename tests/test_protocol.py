@@ -200,6 +200,16 @@ class HandshakeTests(SynchronousTestCase):
         )
         self.assertEqual(conn.status(), 101)
 
+    def test_a_compression_offer_is_declined_not_failed(self) -> None:
+        """Browsers offer permessage-deflate: the upgrade succeeds without it."""
+        extra = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+        conn = self.h.connect(
+            handshake(protocols=["securepub.v1", "ticket." + self.h.ticket()], extra=extra)
+        )
+        self.assertEqual(conn.status(), 101)
+        self.assertNotIn(b"Sec-WebSocket-Extensions", conn.head())
+        self.assertEqual(conn.messages()[0]["op"], "welcome")
+
     def test_no_subprotocol_offered(self) -> None:
         """A client that offered no subprotocol gets none back (RFC 6455)."""
         conn = self.h.connect(handshake(path="/ws?ticket=" + self.h.ticket()))
@@ -439,6 +449,34 @@ class SlowConsumerTests(SynchronousTestCase):
         conn = self.h.open(client_ip=None, peer=f"198.51.100.{len(self.events) + 1}")
         conn.send({"op": "subscribe", "id": 1, "topic": "chat.a"})
         return conn
+
+    def test_an_open_connection_keeps_no_handshake_state_or_option_copies(self) -> None:
+        """Lean idle connections: Autobahn's options live on the class, the opening
+        handshake's request is dropped once open, and no send queue is allocated."""
+        proto = self.h.open().proto
+        state = vars(proto)
+        for name in ("http_request_data", "http_headers", "_hs", "_ticket"):
+            self.assertNotIn(name, state)
+        for name in type(self.h.factory).protocol.__mro__[1].CONFIG_ATTRS:
+            self.assertNotIn(name, state)
+        self.assertEqual(proto.maxMessagePayloadSize, self.h.factory.maxMessagePayloadSize)
+        # A callable option reads back unbound, as it would from the instance.
+        self.assertIs(proto.perMessageCompressionAccept, self.h.factory.perMessageCompressionAccept)
+        self.assertEqual(proto.send_queue, ())
+        self.assertEqual(proto._peer, PEER)
+
+    def test_a_queued_send_still_goes_out_in_order(self) -> None:
+        """Autobahn's chopped sends get a real queue on first use, and it drains."""
+        conn = self.h.open()
+        conn.proto.sendData(b"ab", chopsize=1)
+        self.assertIsNot(conn.proto.send_queue, ())
+        self.h.clock.pump([0.01] * 3)
+        self.assertTrue(conn.transport.value().endswith(b"ab"))
+
+    def test_later_protocol_options_reach_new_connections(self) -> None:
+        """setProtocolOptions after the factory is made still applies (per-class copy)."""
+        self.h.factory.setProtocolOptions(autoPingInterval=0)
+        self.assertEqual(self.h.open().proto.autoPingInterval, 0)
 
     def test_registered_as_producer(self) -> None:
         """An open connection registers itself with its transport for flow control."""
