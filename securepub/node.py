@@ -160,6 +160,7 @@ class Node:
             reactor=reactor,
             proxies=settings.proxies,
             opening=self.opening,
+            websocket=self.factory,
             # Our bodies are JSON: skip twisted.web's form parsing, whose
             # Content-Type parsing alone was 22% of issuing a ticket (bench/).
             parsePOSTFormSubmission=False,

@@ -7,7 +7,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -16,6 +16,7 @@ from twisted.web.server import Request, Site
 
 from securepub.core.clientip import ProxyPolicy
 from securepub.server.api import NotFound, error_body
+from securepub.server.upgrade import hand_over, is_websocket_upgrade
 
 _log = Logger()
 
@@ -117,6 +118,11 @@ class Opening:
         return self.count + self.redeeming > self.limit // 2
 
 
+#: Longest first-request head held back to see whether it is a /ws upgrade;
+#: past it the bytes go to twisted.web, which has its own limit (16 KiB).
+MAX_SNIFFED_HEAD = 17 * 1024
+
+
 class DeadlineChannel(HTTPChannel):
     """An HTTP channel that must receive a request's headers within a deadline.
 
@@ -131,6 +137,8 @@ class DeadlineChannel(HTTPChannel):
     _between_requests = False
     #: Counted in the site's `Opening` until its first request's headers are in.
     _opening: Opening | None = None
+    #: The first request's bytes while its head is incomplete (None: decided).
+    _head: bytes | None = b""
 
     def connectionMade(self) -> None:
         opening: Opening | None = getattr(getattr(self, "site", None), "opening", None)
@@ -152,10 +160,34 @@ class DeadlineChannel(HTTPChannel):
             opening.count -= 1
 
     def dataReceived(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._first_request(data)
+            if not data:
+                return
         if self._between_requests:
             self._between_requests = False
             self._arm()
         super().dataReceived(data)
+
+    def _first_request(self, data: bytes) -> bytes:
+        """Hold the first request's head; hand a plain /ws upgrade to Autobahn.
+
+        What is returned goes on to twisted.web (everything, unless handed over).
+        """
+        data = self._head + data if self._head else data
+        end = data.find(b"\r\n\r\n")
+        if end < 0 and len(data) <= MAX_SNIFFED_HEAD:
+            self._head = data
+            return b""
+        self._head = None
+        websocket = getattr(getattr(self, "site", None), "websocket", None)
+        whole = 0 <= end <= MAX_SNIFFED_HEAD
+        if whole and websocket is not None and is_websocket_upgrade(data[:end]):
+            self._disarm()
+            self._opened()
+            if hand_over(self, websocket, data):
+                return b""
+        return data
 
     def allHeadersReceived(self) -> None:
         self._disarm()
@@ -215,9 +247,13 @@ class SecurePubSite(Site):
         headers_timeout: float = 10.0,
         proxies: ProxyPolicy | None = None,
         opening: Opening | None = None,
+        websocket: Factory | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
+        #: Builds the protocol of a connection that opens with a /ws upgrade
+        #: (see `securepub.server.upgrade`); None: every request goes to the resource.
+        self.websocket = websocket
         #: Connections still opening (None: not counted).
         self.opening = opening
         self.max_body_bytes = max_body_bytes
