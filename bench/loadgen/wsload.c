@@ -15,6 +15,28 @@
  * time, and --timeout bounds the whole run.
  *
  * Build: cc -O2 -o wsload wsload.c -lssl -lcrypto   (bench/run.py does it)
+ *
+ * Options for the connect scenario used by bench/connections.py (all off by
+ * default): --source 127.0.0.N binds every socket to that local address
+ * (more than ~28k connections to one port need several) and asks for
+ * tickets bound to it; --subscribe-mode same|distinct subscribes every
+ * connection to --topic (or to <topic>.<index>) once open; --hold 1 keeps
+ * the connections open after the JSON line, answering pings, until stdin
+ * reaches end of file (so several generators can hold 50k together).
+ *
+ * --retry N (connect scenario, off by default; used by bench/storm.py)
+ * retries each connection up to N times when its ticket request or its
+ * handshake is refused with 429 or 503, waiting the answer's Retry-After
+ * (1 s without one) plus up to a quarter more at random, or when the server
+ * drops it before answering (1 s, same jitter); every retry asks for a
+ * fresh ticket, as a browser reconnecting would. With --hold 1 the second
+ * JSON line counts the refusals by cause (refused_503, refused_429,
+ * refused_other: handshake answers; dropped: no answer; ticket_503,
+ * ticket_429, ticket_other) and the retries, and once released a third
+ * line counts the connections closed while held and the close frames
+ * received (close_1001; close_other: another code, or none).
+ * --ticket-connections N (4 by default, at most 64) is how many kept-alive
+ * HTTPS connections ask for tickets, one request at a time each.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -42,12 +64,14 @@
 /* ------------------------------------------------------------------ options */
 
 static struct {
-    const char *scenario, *target, *host, *ca, *api_key, *mode, *topic;
-    int port, server_pid, subscribers, connections, publishers, payload_bytes, concurrency;
+    const char *scenario, *target, *host, *ca, *api_key, *mode, *topic, *source, *subscribe_mode;
+    int port, server_pid, subscribers, connections, publishers, payload_bytes, concurrency, hold,
+        retry, ticket_connections;
     double rate, duration, warmup, drain, settle, timeout;
 } opt = {
     .scenario = "fanout", .target = "ours", .host = "127.0.0.1", .ca = "", .api_key = "",
-    .mode = "flood", .topic = "bench.fanout", .port = 0, .server_pid = 0,
+    .mode = "flood", .topic = "bench.fanout", .source = "", .subscribe_mode = "none",
+    .port = 0, .server_pid = 0, .hold = 0, .retry = 0, .ticket_connections = 4,
     .subscribers = 1000, .connections = 10000, .publishers = 16, .payload_bytes = 200,
     .concurrency = 32, .rate = 10, .duration = 10, .warmup = 2, .drain = 15, .settle = 2,
     .timeout = 120,
@@ -84,7 +108,9 @@ static void parse_args(int argc, char **argv) {
 #define I(name, field) if (!strcmp(n, name)) { opt.field = atoi(v); continue; }
 #define D(name, field) if (!strcmp(n, name)) { opt.field = atof(v); continue; }
         S("scenario", scenario) S("target", target) S("host", host) S("ca", ca)
-        S("api-key", api_key) S("mode", mode) S("topic", topic)
+        S("api-key", api_key) S("mode", mode) S("topic", topic) S("source", source)
+        S("subscribe-mode", subscribe_mode) I("hold", hold) I("retry", retry)
+        I("ticket-connections", ticket_connections)
         I("port", port) I("server-pid", server_pid) I("subscribers", subscribers)
         I("connections", connections) I("publishers", publishers)
         I("payload-bytes", payload_bytes) I("concurrency", concurrency)
@@ -215,6 +241,7 @@ typedef void (*http_cb)(conn *c, int status, const char *body, size_t len, void 
 
 struct conn {
     int fd, kind, state, index, want_out;
+    int status, retry_after; /* a refused handshake's status and Retry-After (-1: none) */
     SSL *ssl;
     char *rbuf;
     size_t rlen, rcap;
@@ -234,6 +261,11 @@ struct conn {
 static SSL_CTX *ctx;
 static int ep;
 static struct sockaddr_in server_addr;
+static struct sockaddr_in source_addr; /* --source: sin_family 0 when unset */
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 static char first_error[300];
 static int errors;
 
@@ -266,7 +298,13 @@ static conn *conn_new(int kind, int index) {
     if (c->fd < 0) die("socket: %s", strerror(errno));
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (source_addr.sin_family) { /* the port is picked at connect(), per destination */
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(c->fd, (struct sockaddr *)&source_addr, sizeof source_addr) < 0)
+            die("bind %s: %s", opt.source, strerror(errno));
+    }
     c->state = S_CONNECTING;
+    c->retry_after = -1;
     int r = connect(c->fd, (struct sockaddr *)&server_addr, sizeof server_addr);
     if (r < 0 && errno != EINPROGRESS) die("connect: %s", strerror(errno));
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
@@ -398,6 +436,8 @@ static void ws_send(conn *c, int opcode, const char *p, size_t n) {
     conn_write(c, frame, h + 4 + n);
 }
 
+static int close_1001, close_other; /* close frames received, by code */
+
 /* Parse complete frames from c->rbuf; returns bytes consumed. */
 static size_t ws_parse(conn *c) {
     const unsigned char *b = (const unsigned char *)c->rbuf;
@@ -427,6 +467,9 @@ static size_t ws_parse(conn *c) {
         if (opcode == 1) ws_on_text(c, p, plen);
         else if (opcode == 9) ws_send(c, 10, p, plen);
         else if (opcode == 8) {
+            int code = plen >= 2 ? (int)((unsigned char)p[0] << 8 | (unsigned char)p[1]) : 0;
+            if (code == 1001) close_1001++;
+            else close_other++;
             conn_fail(c, "server closed the WebSocket");
             return 0;
         }
@@ -442,6 +485,12 @@ static char *find_header_end(conn *c) {
     return memmem(c->rbuf, c->rlen, "\r\n\r\n", 4);
 }
 
+/* A NUL-terminated response head's Retry-After (whole seconds), -1 without one. */
+static int head_retry_after(const char *head) {
+    const char *h = strcasestr(head, "\r\nretry-after:");
+    return h ? atoi(h + 14) : -1;
+}
+
 static void handle_ws_handshake(conn *c) {
     char *end = find_header_end(c);
     if (!end) {
@@ -455,6 +504,9 @@ static void handle_ws_handshake(conn *c) {
         if (n > sizeof line - 1) n = sizeof line - 1;
         memcpy(line, c->rbuf, n);
         line[n] = 0;
+        c->status = atoi(c->rbuf + 9);
+        c->rbuf[head_len - 1] = 0;
+        c->retry_after = head_retry_after(c->rbuf);
         conn_fail(c, line);
         return;
     }
@@ -488,6 +540,7 @@ static void handle_http_response(conn *c) {
         c->rbuf[head_len - 1] = 0;
         char *cl = strcasestr(c->rbuf, "\r\ncontent-length:");
         if (cl) length = (size_t)atol(cl + 17);
+        c->retry_after = head_retry_after(c->rbuf);
         c->rbuf[head_len - 1] = saved;
         if (c->rlen < head_len + length) return;
         char body[1024];
@@ -598,7 +651,7 @@ static void on_event(conn *c, uint32_t events) {
 
 typedef int (*predicate)(void);
 typedef void (*tick_fn)(int64_t now);
-static tick_fn ticker; /* called every loop turn (rate-mode publishing) */
+static tick_fn ticker; /* called every loop turn (rate-mode publishing, --retry) */
 static int64_t next_tick_ns = INT64_MAX;
 
 static void check_timeout(void) {
@@ -659,12 +712,20 @@ static int ntasks;   /* how many to open */
 static int started;  /* tasks started */
 static int inflight; /* started, not yet open or failed */
 static int opened, failed;
-static int *ticket_queue; /* task indexes waiting for an HTTP connection */
+static int *ticket_queue; /* task indexes waiting for an HTTP connection (a ring) */
 static int tq_head, tq_tail;
+static int *attempts;                      /* --retry: retries used, by task index */
+static int64_t *retry_due;                 /* retries waiting: when, */
+static int *retry_task, retry_pending;     /* and which task */
+static int *retry_ready, rr_head, rr_tail; /* due, waiting for a slot (a ring) */
+static int retried;
+static int refused_503, refused_429, refused_other, dropped; /* WebSocket handshakes */
+static int ticket_503, ticket_429, ticket_other;            /* ticket requests */
 
 static int tickets_only; /* the "tickets" scenario: issue, do not connect */
 static void task_done(int ok);
 static void start_tasks(void);
+static int task_retry(int index, int retryable, int retry_after);
 
 static void start_ws(int index, const char *ticket) {
     if (tickets_only) {
@@ -682,12 +743,12 @@ static void pump_tickets(void) {
     while (tq_head < tq_tail) {
         conn *h = pool_idle();
         if (!h) return;
-        int index = ticket_queue[tq_head++];
+        int index = ticket_queue[tq_head++ % ntasks];
         char body[256];
         int n = snprintf(body, sizeof body,
-                         "{\"user\":\"bench%d\",\"client_ip\":\"127.0.0.1\","
+                         "{\"user\":\"bench%d\",\"client_ip\":\"%s\","
                          "\"subscribe\":[\"bench.>\"],\"ttl\":300}",
-                         index);
+                         index, opt.source[0] ? opt.source : "127.0.0.1");
         http_post(h, "/v1/tickets", body, (size_t)n, on_ticket, (void *)(intptr_t)index);
     }
 }
@@ -699,13 +760,44 @@ static void task_done(int ok) {
 }
 
 static void start_tasks(void) {
-    while (started < ntasks && inflight < opt.concurrency) {
-        int index = started++;
+    while (inflight < opt.concurrency && (rr_head < rr_tail || started < ntasks)) {
+        int index = rr_head < rr_tail ? retry_ready[rr_head++ % ntasks] : started++;
         inflight++;
-        if (ours) ticket_queue[tq_tail++] = index;
+        if (ours) ticket_queue[tq_tail++ % ntasks] = index;
         else start_ws(index, NULL);
     }
     if (ours) pump_tickets();
+}
+
+/* --retry: wait as the server asked, then start the task over (a fresh ticket). */
+static int task_retry(int index, int retryable, int retry_after) {
+    if (!opt.retry || !retryable || attempts[index] >= opt.retry) return 0;
+    attempts[index]++;
+    retried++;
+    inflight--; /* a client waiting to retry costs the server nothing */
+    double wait = (retry_after >= 0 ? retry_after : 1) * (1 + 0.25 * (xorshift() / 4294967296.0));
+    int64_t due = now_ns() + (int64_t)(wait * 1e9);
+    retry_due[retry_pending] = due;
+    retry_task[retry_pending++] = index;
+    if (due < next_tick_ns) next_tick_ns = due;
+    return 1;
+}
+
+static void retry_tick(int64_t now) {
+    int64_t next = INT64_MAX;
+    for (int i = 0; i < retry_pending;) {
+        if (retry_due[i] <= now) {
+            retry_ready[rr_tail++ % ntasks] = retry_task[i];
+            retry_pending--;
+            retry_due[i] = retry_due[retry_pending];
+            retry_task[i] = retry_task[retry_pending];
+        } else {
+            if (retry_due[i] < next) next = retry_due[i];
+            i++;
+        }
+    }
+    next_tick_ns = next;
+    start_tasks();
 }
 
 static void on_ticket(conn *h, int status, const char *body, size_t len, void *arg) {
@@ -715,7 +807,11 @@ static void on_ticket(conn *h, int status, const char *body, size_t len, void *a
     const char *t = strstr(body, "\"ticket\":\"");
     if (status != 201 || !t) {
         record_error("ticket: HTTP %d %.120s", status, body);
-        task_done(0);
+        if (status == 503) ticket_503++;
+        else if (status == 429) ticket_429++;
+        else ticket_other++;
+        int retryable = status == 0 || status == 429 || status == 503;
+        if (!task_retry(index, retryable, status ? h->retry_after : -1)) task_done(0);
     } else {
         t += 10;
         char ticket[128];
@@ -729,25 +825,36 @@ static void on_ticket(conn *h, int status, const char *body, size_t len, void *a
 }
 
 static void ws_on_dead(conn *c) {
-    (void)c;
-    task_done(0);
+    int s = c->status; /* 0: dropped before any answer (TCP, TLS, or closed) */
+    if (s == 503) refused_503++;
+    else if (s == 429) refused_429++;
+    else if (s) refused_other++;
+    else dropped++;
+    if (!task_retry(c->index, s == 0 || s == 429 || s == 503, c->retry_after)) task_done(0);
     start_tasks();
 }
 
 /* ------------------------------------------------------------------ fanout */
 
 static int fanout_mode; /* 1 while subscribers should subscribe on open */
-static int subscribed_count;
+static int conn_subscribe; /* connect --subscribe-mode: 0 none, 1 same topic, 2 distinct */
+static int subscribed_count, subscribe_refused;
 static uint64_t received, published, publish_errors;
 static int recording;
 static const char DATA_PREFIX[] = "\"data\":{\"t\":";
 
 static void ws_on_open(conn *c) {
     task_done(1);
-    if (fanout_mode) {
+    if (fanout_mode || conn_subscribe == 1) {
         char sub[256];
         int n = snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"id\":1,\"topic\":\"%s\"}",
                          opt.topic);
+        ws_send(c, 1, sub, (size_t)n);
+    } else if (conn_subscribe == 2) {
+        char sub[256];
+        int n = snprintf(sub, sizeof sub,
+                         "{\"op\":\"subscribe\",\"id\":1,\"topic\":\"%s.c%d\"}", opt.topic,
+                         c->index);
         ws_send(c, 1, sub, (size_t)n);
     }
     start_tasks();
@@ -774,6 +881,7 @@ static void ws_on_text(conn *c, const char *p, size_t n) {
             subscribed_count++;
         }
     } else if (n >= 13 && !memcmp(p, "{\"op\":\"error\"", 13)) {
+        subscribe_refused++;
         record_error("error frame: %.*s", (int)(n < 200 ? n : 200), p);
     }
 }
@@ -915,13 +1023,31 @@ static void fanout(void) {
 
 /* ------------------------------------------------------------------ connect */
 
+static int subscriptions_answered(void) { return subscribed_count + subscribe_refused >= opened; }
+
+static int stdin_closed(void) { /* --hold: the parent closes our stdin to let go */
+    char buf[256];
+    ssize_t n = read(STDIN_FILENO, buf, sizeof buf);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 static void connect_scenario(void) {
     int C = opt.connections;
     ntasks = C;
+    if (!strcmp(opt.subscribe_mode, "same")) conn_subscribe = 1;
+    else if (!strcmp(opt.subscribe_mode, "distinct")) conn_subscribe = 2;
+    else if (strcmp(opt.subscribe_mode, "none")) die("bad --subscribe-mode %s", opt.subscribe_mode);
     wss = calloc((size_t)C, sizeof *wss);
     ticket_queue = calloc((size_t)C, sizeof *ticket_queue);
+    if (opt.retry) {
+        attempts = calloc((size_t)C, sizeof *attempts);
+        retry_due = calloc((size_t)C, sizeof *retry_due);
+        retry_task = calloc((size_t)C, sizeof *retry_task);
+        retry_ready = calloc((size_t)C, sizeof *retry_ready);
+        ticker = retry_tick;
+    }
     if (ours) {
-        pool_open(4);
+        pool_open(opt.ticket_connections);
         run_until(now_ns() + 10 * 1000000000LL, pool_ready);
     }
     long rss0 = opt.server_pid ? rss_kib(opt.server_pid) : -1;
@@ -932,13 +1058,15 @@ static void connect_scenario(void) {
     meter_stop();
     mark("window-end");
     if (ours) pool_close();
+    if (conn_subscribe) run_until(now_ns() + 30 * 1000000000LL, subscriptions_answered);
     run_until(now_ns() + (int64_t)(opt.settle * 1e9), NULL);
     long rss1 = opt.server_pid ? rss_kib(opt.server_pid) : -1;
     int still_open = 0;
     for (int i = 0; i < C; i++)
         if (wss[i] && wss[i]->state == S_OPEN) still_open++;
-    for (int i = 0; i < C; i++)
-        if (wss[i]) conn_close(wss[i]);
+    if (!opt.hold)
+        for (int i = 0; i < C; i++)
+            if (wss[i]) conn_close(wss[i]);
     if (failed) note("%d failures, first: %s", failed, first_error);
     printf("{\"scenario\":\"%s\",\"target\":\"%s\",\"generator\":\"c\",\"connections\":%d,"
            "\"concurrency\":%d,\"handshakes_per_s\":%.1f,\"opened\":%d,\"still_open\":%d,"
@@ -948,6 +1076,28 @@ static void connect_scenario(void) {
            opt.scenario, opt.target, C, opt.concurrency, opened / cpu_result.wall_s, opened, still_open, failed,
            rss0, rss1, (double)(rss1 - rss0) / (still_open ? still_open : 1), cpu_result.wall_s,
            cpu_result.server_cpu, cpu_result.generator_cpu, errors);
+    if (!opt.hold) return;
+    /* The line above is what the caller waits for; the fields of --source,
+     * --subscribe-mode and --hold follow on a second line. */
+    printf("{\"source\":\"%s\",\"subscribe_mode\":\"%s\",\"subscribed\":%d,"
+           "\"subscribe_refused\":%d,\"hold\":1,\"retry\":%d,\"retried\":%d,"
+           "\"refused_503\":%d,\"refused_429\":%d,\"refused_other\":%d,\"dropped\":%d,"
+           "\"ticket_503\":%d,\"ticket_429\":%d,\"ticket_other\":%d}\n",
+           opt.source[0] ? opt.source : "127.0.0.1", opt.subscribe_mode, subscribed_count,
+           subscribe_refused, opt.retry, retried, refused_503, refused_429, refused_other,
+           dropped, ticket_503, ticket_429, ticket_other);
+    fflush(stdout);
+    fcntl(STDIN_FILENO, F_SETFL, fcntl(STDIN_FILENO, F_GETFL) | O_NONBLOCK);
+    opt.timeout = 1e9; /* held until stdin closes, which also happens if the caller dies */
+    run_until(INT64_MAX, stdin_closed);
+    int open_now = 0;
+    for (int i = 0; i < C; i++) {
+        if (wss[i] && wss[i]->state == S_OPEN) open_now++;
+        if (wss[i]) conn_close(wss[i]);
+    }
+    if (open_now < still_open) note("%d connections closed while held", still_open - open_now);
+    printf("{\"closed_while_held\":%d,\"close_1001\":%d,\"close_other\":%d}\n",
+           still_open - open_now, close_1001, close_other);
 }
 
 /* ------------------------------------------------------------------ main */
@@ -977,6 +1127,11 @@ int main(int argc, char **argv) {
     server_addr.sin_family = AF_INET;
     server_addr.sin_port = htons((uint16_t)opt.port);
     if (inet_pton(AF_INET, opt.host, &server_addr.sin_addr) != 1) die("bad host %s", opt.host);
+    if (opt.source[0]) {
+        source_addr.sin_family = AF_INET;
+        if (inet_pton(AF_INET, opt.source, &source_addr.sin_addr) != 1)
+            die("bad source %s", opt.source);
+    }
     ep = epoll_create1(EPOLL_CLOEXEC);
 
     if (!strcmp(opt.scenario, "fanout")) fanout();
