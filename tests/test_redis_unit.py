@@ -526,3 +526,39 @@ class RevocationOverRedisTests(SynchronousTestCase):
         fanout.received(shards.all[0], channel, message)
         fanout.received(shards.all[0], channel, encode("!disconnect", "n2-1", 1000.0, '"bob"'))
         self.assertEqual((receiver.disconnected, receiver.delivered), (["alice"], []))
+
+
+class _QuietFactory:
+    """What txredisapi's protocol asks of its factory."""
+
+    isLazy = True
+
+    def addConnection(self, _protocol: Any) -> None:
+        pass
+
+    def delConnection(self, _protocol: Any) -> None:
+        pass
+
+    def connectionError(self, _message: str) -> None:
+        pass
+
+
+class RepliesInOneTurnTests(SynchronousTestCase):
+    def test_every_buffered_reply_is_read_at_once(self) -> None:
+        """Replies that arrive together are all answered now, bulk strings or not:
+        txredisapi alone answers the first and leaves the rest to later reactor turns."""
+        from twisted.internet.testing import StringTransport
+
+        from securepub.engines.redis.link import _RepliesInOneTurn
+
+        protocol = _RepliesInOneTurn(charset="utf-8", convertNumbers=False)
+        protocol.factory = _QuietFactory()
+        protocol.makeConnection(StringTransport())
+        answers: list[Any] = []
+        for key in ("a", "b", "c", "d"):
+            protocol.execute_command("GET", key).addCallback(answers.append)
+        replies = b"$1\r\nx\r\n*2\r\n:5\r\n$2\r\nep\r\n$-1\r\n$3\r\nyz"
+        protocol.dataReceived(replies)
+        self.assertEqual(answers, ["x", [5, "ep"], None])
+        protocol.dataReceived(b"w\r\n")  # a bulk string cut between reads
+        self.assertEqual(answers, ["x", [5, "ep"], None, "yzw"])

@@ -154,6 +154,41 @@ def backoff(attempt: int) -> float:
     return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not a secret
 
 
+class _RepliesInOneTurn(txredisapi.RedisProtocol):  # type: ignore[misc]
+    """txredisapi's protocol, reading every buffered reply in the same reactor turn.
+
+    After each bulk string, txredisapi's line reader pauses and hands what
+    follows to ``callLater(0)``: k replies that arrive together are then read
+    one per reactor turn. Under load (a turn that delivers a message to 1,000
+    sockets takes milliseconds) that spread publishes on a history topic,
+    whose script answers a bulk epoch, over as many turns, each delivered on
+    its own: 0.18x the throughput of topics without history in
+    ``bench/history.py``'s Redis flood. Here what follows is read at once,
+    in a loop rather than by recursion.
+    """
+
+    _rest: bytes = b""
+    _draining = False
+
+    def setLineMode(self, extra: bytes = b"") -> None:
+        self.line_mode = 1
+        if extra:
+            self._rest += extra
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        if self._draining:  # called back from within a reply: take it in the loop
+            self._rest += data
+            return
+        self._draining = True
+        try:
+            super().dataReceived(data, unpause)
+            while self._rest and self.transport is not None:
+                rest, self._rest = self._rest, b""
+                super().dataReceived(rest)
+        finally:
+            self._draining = False
+
+
 class _ProtocolFactory(Factory):
     """Builds txredisapi protocols; answers the factory calls they make."""
 
@@ -215,7 +250,7 @@ class RedisLink(Service):
         self._protocol: Any = None
         self._service = ClientService(
             target.endpoint(reactor),
-            _ProtocolFactory(self, txredisapi.RedisProtocol),
+            _ProtocolFactory(self, _RepliesInOneTurn),
             retryPolicy=backoff,
             clock=reactor,
             prepareConnection=self._prepare,
