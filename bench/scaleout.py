@@ -86,6 +86,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
+from run import build_wsload, cpu_seconds, raise_fd_limit  # noqa: E402 - bench/run.py's helpers
+
 BEFORE_COMMIT = "52537d2"
 PAYLOAD_PAD = 80  # {"n":<int>,"pad":"x..."}: about 100 bytes of data
 IDLE_SECONDS = 5.0
@@ -98,12 +100,6 @@ _children: list[subprocess.Popen[Any]] = []
 def log(message: str) -> None:
     sys.stderr.write(f"[scaleout {time.strftime('%H:%M:%S')}] {message}\n")
     sys.stderr.flush()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, wait: float = 15) -> None:
@@ -858,7 +854,6 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.publisher:
         return publisher_main(opts)
-    from run import build_wsload, raise_fd_limit
 
     if shutil.which("redis-server") is None:
         raise SystemExit("scaleout: redis-server is needed")

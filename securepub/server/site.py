@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 
 from securepub.core.clientip import ProxyPolicy
 from securepub.server.api import NotFound, error_body
-from securepub.server.upgrade import hand_over, is_websocket_upgrade
+from securepub.server.upgrade import hand_over, is_websocket_upgrade, tls_wrapper
 
 _log = Logger()
 
@@ -181,13 +181,16 @@ class DeadlineChannel(HTTPChannel):
             return b""
         self._head = None
         websocket = getattr(getattr(self, "site", None), "websocket", None)
-        whole = 0 <= end <= MAX_SNIFFED_HEAD
-        if whole and websocket is not None and is_websocket_upgrade(data[:end]):
-            self._disarm()
-            self._opened()
-            if hand_over(self, websocket, data):
-                return b""
-        return data
+        if websocket is None or not 0 <= end <= MAX_SNIFFED_HEAD:
+            return data
+        wrapper = tls_wrapper(self.transport)
+        if wrapper is None or not is_websocket_upgrade(data[:end]):
+            return data
+        # Its headers are in (as at allHeadersReceived), and it leaves the site.
+        self._disarm()
+        self._opened()
+        hand_over(self, wrapper, websocket, data)
+        return b""
 
     def allHeadersReceived(self) -> None:
         self._disarm()

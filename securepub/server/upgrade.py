@@ -32,27 +32,31 @@ def is_websocket_upgrade(head: bytes) -> bool:
     return _UPGRADE.search(b"\r\n" + headers.lower() + b"\r\n") is not None
 
 
-def hand_over(channel: Any, factory: Factory, data: bytes) -> bool:
+def tls_wrapper(transport: Any) -> ProtocolWrapper | None:
+    """The TLS wrapper whose wrapped protocol ``transport``'s protocol is, if any.
+
+    The same two shapes Autobahn's resource knows: the transport is the
+    wrapper, or (Twisted's buffering TLS transport) its ``protocol`` is.
+    """
+    if isinstance(transport, ProtocolWrapper):
+        return transport
+    inner = getattr(transport, "protocol", None)
+    return inner if isinstance(inner, ProtocolWrapper) else None
+
+
+def hand_over(channel: Any, wrapper: ProtocolWrapper, factory: Factory, data: bytes) -> None:
     """Give ``channel``'s connection to a new protocol of ``factory``, and ``data`` to it.
 
     The HTTP channel lets go of the transport first: it stops being its
     producer and its idle timeout is cancelled, as twisted.web does for a
-    request being served. False (and nothing changed) if the transport is not
-    the TLS wrapper this is written for.
+    request being served.
     """
     transport = channel.transport
-    wrapper = transport if isinstance(transport, ProtocolWrapper) else None
-    if wrapper is None and isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-        wrapper = transport.protocol
-    if wrapper is None:
-        return False
     protocol = factory.buildProtocol(transport.getPeer())
-    if protocol is None:
-        return False
+    assert protocol is not None  # a WebSocket factory always builds one
     channel.setTimeout(None)
     transport.unregisterProducer()
     channel.transport = None
     wrapper.wrappedProtocol = protocol
     protocol.makeConnection(transport)
     protocol.dataReceived(data)
-    return True
