@@ -6,7 +6,6 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import Service
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -40,9 +39,9 @@ from securepub.server.api import (
     PublishResource,
     TicketsResource,
 )
+from securepub.server.endpoints import ReusePortTLSEndpoint, TLSEndpoint
 from securepub.server.files import StaticFiles
 from securepub.server.protocol import SecurePubFactory
-from securepub.server.reuseport import BACKLOG, ReusePortTLSEndpoint
 from securepub.server.settings import Settings
 from securepub.server.site import Opening, Root, SecurePubSite, WebSocketOnly
 from securepub.server.tls import ReloadableServerTLS, server_context_factory
@@ -303,9 +302,7 @@ class Node:
         settings = self.settings
         if settings.reuse_port:
             return ReusePortTLSEndpoint(self.reactor, settings.port, self.tls, settings.interface)
-        return SSL4ServerEndpoint(
-            self.reactor, settings.port, self.tls, backlog=BACKLOG, interface=settings.interface
-        )
+        return TLSEndpoint(self.reactor, settings.port, self.tls, settings.interface)
 
 
 def client_routes(

@@ -1,4 +1,10 @@
-"""A TLS listening endpoint whose port several processes can share (SO_REUSEPORT)."""
+"""The TLS listening endpoints: one process's port, or one that several processes share.
+
+Both wrap the site's factory in Twisted's TLS layer the way
+``reactor.listenSSL`` does, with the lean transport of
+``securepub.server.transport`` under it: one write flush per reactor turn
+for all connections, and bytes sent when they are written.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,36 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from securepub.server.transport import TurnClock, lean_tls_factory, use_immediate_writes
+
+__all__ = ["BACKLOG", "ReusePortTLSEndpoint", "TLSEndpoint"]
 
 #: Pending connections the kernel may hold for each process.
 BACKLOG = 1024
+
+
+@implementer(IStreamServerEndpoint)
+class TLSEndpoint:
+    """Like ``SSL4ServerEndpoint`` with ``backlog=BACKLOG``, on the lean transport."""
+
+    def __init__(self, reactor: Any, port: int, tls: Any, interface: str) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._tls = tls
+        self._interface = interface
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        wrapped = lean_tls_factory(self._tls, factory, TurnClock(self._reactor))
+        try:
+            port = self._reactor.listenTCP(
+                self._port, wrapped, backlog=BACKLOG, interface=self._interface
+            )
+        except CannotListenError as e:
+            return fail(e)
+        port._type = "TLS"  # as listenSSL names it in its log lines
+        return succeed(use_immediate_writes(port))
 
 
 @implementer(IStreamServerEndpoint)
@@ -44,11 +75,10 @@ class ReusePortTLSEndpoint:
             sock.bind((self._interface, self._port))
             sock.listen(BACKLOG)
             sock.setblocking(False)
-            port = self._reactor.adoptStreamPort(
-                sock.fileno(), family, TLSMemoryBIOFactory(self._tls, False, factory)
-            )
+            wrapped = lean_tls_factory(self._tls, factory, TurnClock(self._reactor))
+            port = self._reactor.adoptStreamPort(sock.fileno(), family, wrapped)
         except OSError as e:
             return fail(CannotListenError(self._interface, self._port, e))
         finally:
             sock.close()  # the reactor holds its own duplicate of the descriptor
-        return succeed(port)
+        return succeed(use_immediate_writes(port))
