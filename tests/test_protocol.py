@@ -465,6 +465,24 @@ class SlowConsumerTests(SynchronousTestCase):
         self.assertEqual(proto.send_queue, ())
         self.assertEqual(proto._peer, PEER)
 
+    def test_idle_values_live_on_the_class_until_changed(self) -> None:
+        """Autobahn's per-connection flags at their idle values are not stored per
+        instance; they read back the same, and a change is stored and seen."""
+        first, second = self.h.open().proto, self.h.open().proto
+        state = vars(first)
+        for name in ("closedByMe", "wasClean", "localCloseCode", "current_frame", "data"):
+            self.assertNotIn(name, state)
+        self.assertIs(first.closedByMe, False)
+        self.assertIsNone(first.localCloseCode)
+        self.assertEqual(first.data, b"")
+        self.assertIs(first.trafficStats, second.trafficStats)  # one, never read
+        first.closedByMe = True
+        self.assertIs(first.closedByMe, True)
+        self.assertIs(second.closedByMe, False)
+        # And the connections still work as before: a frame in, a reply out.
+        conn = self.subscriber()
+        self.assertEqual(conn.messages()[-1]["op"], "ok")
+
     def test_a_queued_send_still_goes_out_in_order(self) -> None:
         """Autobahn's chopped sends get a real queue on first use, and it drains."""
         conn = self.h.open()
