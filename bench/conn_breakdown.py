@@ -513,9 +513,16 @@ def drive(opts: argparse.Namespace, workdir: Path, port: int, out: dict[str, Any
             return measure()
 
         collected = blockingCallFromThread(reactor, collect_and_measure)
+
+        def trim_and_measure() -> State:
+            _libc.malloc_trim(0)
+            return measure()
+
+        trimmed = blockingCallFromThread(reactor, trim_and_measure)
         n = max(1, opened)
         out["per_conn"] = per_conn(after, before, n)
         out["per_conn_after_gc_collect"] = per_conn(collected, before, n)
+        out["per_conn_after_malloc_trim"] = per_conn(trimmed, before, n)
         if opts.tracemalloc:
             out["tracemalloc"] = breakdown(after, before, n, opts.top)
             out["tracemalloc_after_gc_collect"] = breakdown(collected, before, n, opts.top)
@@ -796,7 +803,7 @@ def print_report(out: dict[str, Any]) -> None:
     if "error" in out:
         print(f"  error: {out['error']}")
         return
-    for key in ("per_conn", "per_conn_after_gc_collect"):
+    for key in ("per_conn", "per_conn_after_gc_collect", "per_conn_after_malloc_trim"):
         p = out[key]
         print(
             f"  {key}: RSS {p['rss_kib']:.2f} KiB, malloc in use {p['malloc_kib']:.2f} KiB, "
