@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import main
 from twisted.internet.error import AlreadyCalled, AlreadyCancelled
 from twisted.internet.protocol import Factory, Protocol
@@ -23,6 +24,7 @@ from securepub.server.transport import (
     LeanTLSProtocol,
     TurnClock,
     lean_tls_factory,
+    renew_read_bio,
     renew_write_bio,
 )
 
@@ -242,8 +244,54 @@ class LeanTLSProtocolTests(SynchronousTestCase):
         self.flush()
         self.assertTrue(self.client.wrappedProtocol.received.endswith(b"afterpong"))
 
+    def test_a_big_client_hello_leaves_no_buffer_behind(self) -> None:
+        """The client offers X25519MLKEM768 (a 1.5 KiB ClientHello): once the
+        handshake is done the incoming BIO is a fresh one too."""
+        hello_bio = self.server._tlsConnection._into_ssl
+        self.client.write(b"ping")
+        self.flush()
+        self.assertNotEqual(self.server._tlsConnection._into_ssl, hello_bio)
+        self.client.write(b"ping")
+        self.flush()
+        self.assertEqual(self.client.wrappedProtocol.received, b"pongpong")
+
+    def test_renewing_the_incoming_bio_moves_what_openssl_has_not_read(self) -> None:
+        server, client = _handshaken_pair(self.mktemp())
+        client.send(b"first")
+        client.send(b"second")
+        server.bio_write(client.bio_read(65536))  # two records, not read yet
+        old = server._into_ssl
+        self.assertTrue(renew_read_bio(server))
+        self.assertNotEqual(server._into_ssl, old)
+        got = b""
+        while len(got) < len(b"firstsecond"):
+            got += server.recv(100)
+        self.assertEqual(got, b"firstsecond")
+
     def test_renewal_changes_nothing_where_pyopenssl_keeps_its_bios_elsewhere(self) -> None:
         class Elsewhere:
             _ssl = object()
 
         self.assertFalse(renew_write_bio(Elsewhere()))
+        self.assertFalse(renew_read_bio(Elsewhere()))
+
+
+def _handshaken_pair(directory: str) -> tuple[SSL.Connection, SSL.Connection]:
+    """A server and a client ``SSL.Connection`` over memory BIOs, handshake done."""
+    certs = ensure_dev_certs(directory)
+    server = SSL.Connection(server_context_factory(certs.cert, certs.key).getContext(), None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                dst.bio_write(src.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    return server, client

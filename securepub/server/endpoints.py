@@ -38,31 +38,27 @@ class TLSEndpoint:
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         wrapped = lean_tls_factory(self._tls, factory, TurnClock(self._reactor))
         try:
-            port = self._reactor.listenTCP(
-                self._port, wrapped, backlog=BACKLOG, interface=self._interface
-            )
+            port = self._open(wrapped)
         except CannotListenError as e:
             return fail(e)
         port._type = "TLS"  # as listenSSL names it in its log lines
         return succeed(use_immediate_writes(port))
 
+    def _open(self, wrapped: IProtocolFactory) -> Any:
+        return self._reactor.listenTCP(
+            self._port, wrapped, backlog=BACKLOG, interface=self._interface
+        )
 
-@implementer(IStreamServerEndpoint)
-class ReusePortTLSEndpoint:
-    """Like ``SSL4ServerEndpoint``, but the socket has SO_REUSEPORT set.
+
+class ReusePortTLSEndpoint(TLSEndpoint):
+    """Like ``TLSEndpoint``, but the socket has SO_REUSEPORT set.
 
     Each twistd process binds its own socket to the same address; the
     kernel spreads new connections over them, so a host's cores can all
     serve, with Redis carrying messages between the processes.
     """
 
-    def __init__(self, reactor: Any, port: int, tls: Any, interface: str) -> None:
-        self._reactor = reactor
-        self._port = port
-        self._tls = tls
-        self._interface = interface
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+    def _open(self, wrapped: IProtocolFactory) -> Any:
         family = (
             socket.AF_INET6
             if isinstance(ipaddress.ip_address(self._interface), ipaddress.IPv6Address)
@@ -75,10 +71,8 @@ class ReusePortTLSEndpoint:
             sock.bind((self._interface, self._port))
             sock.listen(BACKLOG)
             sock.setblocking(False)
-            wrapped = lean_tls_factory(self._tls, factory, TurnClock(self._reactor))
-            port = self._reactor.adoptStreamPort(sock.fileno(), family, wrapped)
+            return self._reactor.adoptStreamPort(sock.fileno(), family, wrapped)
         except OSError as e:
-            return fail(CannotListenError(self._interface, self._port, e))
+            raise CannotListenError(self._interface, self._port, e) from e
         finally:
             sock.close()  # the reactor holds its own duplicate of the descriptor
-        return succeed(use_immediate_writes(port))

@@ -13,11 +13,12 @@ time (``bench/run.py --profile``). Here:
 * :class:`ImmediateWriteServer` sends written bytes at once when nothing is
   queued before them; only what the socket does not take waits for
   ``epoll``, exactly as before;
-* :class:`LeanTLSProtocol` gives OpenSSL a fresh outgoing memory BIO once
-  a big write has been flushed from it. A memory BIO's buffer never
-  shrinks: every idle connection kept the 1.7 KiB of its handshake flight,
-  and one that was ever sent a 64 KiB message kept 21 KiB more
-  (``bench/conn_breakdown.py --openssl-micro``).
+* :class:`LeanTLSProtocol` gives OpenSSL fresh memory BIOs once a big
+  transfer has gone through them. A memory BIO's buffer never shrinks:
+  every idle connection kept the 1.7 KiB of its handshake flight (and a
+  browser's 1.5 KiB X25519MLKEM768 ClientHello), and one that was ever sent
+  a 64 KiB message kept 21 KiB more (``bench/conn_breakdown.py
+  --openssl-micro``).
 
 Nothing else changes: the order of bytes, flow control (a producer is
 paused and resumed by the same code as before) and the way a broken
@@ -181,17 +182,27 @@ class ImmediateWriteServer(tcp.Server):
 #: A flush this big leaves a buffer worth giving back (the handshake's is 1.7 KiB).
 FRESH_BIO_AFTER = 1024
 
-_lib: Any = None
+_binding: Any = None
 
 
 def _openssl() -> Any:
-    """cryptography's OpenSSL bindings, the ones pyOpenSSL itself calls."""
-    global _lib
-    if _lib is None:
+    """cryptography's OpenSSL bindings (``lib``, ``ffi``), the ones pyOpenSSL itself calls."""
+    global _binding
+    if _binding is None:
         from cryptography.hazmat.bindings.openssl.binding import Binding
 
-        _lib = Binding.lib
-    return _lib
+        _binding = Binding
+    return _binding
+
+
+def _bios(connection: Any) -> tuple[Any, Any, Any] | None:
+    """``connection``'s SSL pointer and memory BIOs, where pyOpenSSL keeps them."""
+    ssl = getattr(connection, "_ssl", None)
+    into = getattr(connection, "_into_ssl", None)
+    out = getattr(connection, "_from_ssl", None)
+    if ssl is None or into is None or out is None:
+        return None
+    return ssl, into, out
 
 
 def renew_write_bio(connection: Any) -> bool:
@@ -203,11 +214,11 @@ def renew_write_bio(connection: Any) -> bool:
     Returns False, changing nothing, if this pyOpenSSL does not hold its
     BIOs where this expects them.
     """
-    ssl = getattr(connection, "_ssl", None)
-    into = getattr(connection, "_into_ssl", None)
-    if ssl is None or into is None or getattr(connection, "_from_ssl", None) is None:
+    bios = _bios(connection)
+    if bios is None:
         return False
-    lib = _openssl()
+    ssl, into, _ = bios
+    lib = _openssl().lib
     fresh = lib.BIO_new(lib.BIO_s_mem())
     if not fresh:
         return False  # out of memory: keep the old one
@@ -216,15 +227,63 @@ def renew_write_bio(connection: Any) -> bool:
     return True
 
 
-class LeanTLSProtocol(BufferingTLSTransport):
-    """Twisted's buffering TLS transport, handing back the outgoing BIO's buffer after big flushes.
+def renew_read_bio(connection: Any) -> bool:
+    """Give ``connection`` a new incoming BIO, moving into it what OpenSSL has not read.
 
-    It also sends everything OpenSSL has written, where Twisted takes at
-    most 32 KiB per flush (twisted/twisted#5095).
+    Normally nothing is left (OpenSSL takes every byte it was given into
+    its own record buffer before it asks for more); whatever is, moves
+    over in order. ``SSL_set_bio`` with the outgoing BIO unchanged frees
+    the old incoming one. Returns False, changing nothing, where pyOpenSSL
+    keeps its BIOs elsewhere or memory is short.
+    """
+    bios = _bios(connection)
+    if bios is None:
+        return False
+    ssl, into, out = bios
+    binding = _openssl()
+    lib, ffi = binding.lib, binding.ffi
+    fresh = lib.BIO_new(lib.BIO_s_mem())
+    if not fresh:
+        return False
+    chunk = ffi.new("char[]", 4096)
+    while (n := lib.BIO_read(into, chunk, 4096)) > 0:
+        if lib.BIO_write(fresh, chunk, n) != n:  # pragma: no cover - malloc failed
+            lib.BIO_free(fresh)
+            # Bytes are lost: the connection cannot go on (Twisted drops it).
+            raise MemoryError("cannot move TLS input to a new BIO")
+    lib.SSL_set_bio(ssl, fresh, out)
+    connection._into_ssl = fresh
+    return True
+
+
+class LeanTLSProtocol(BufferingTLSTransport):
+    """Twisted's buffering TLS transport, handing back memory BIO buffers after big transfers.
+
+    A BIO is renewed once the handshake is done after 1 KiB or more went
+    through it at once: the handshake's own flights (a browser's
+    X25519MLKEM768 ClientHello alone is 1.5 KiB) or a big message. It also
+    sends everything OpenSSL has written, where Twisted takes at most 32 KiB
+    per flush (twisted/twisted#5095).
     """
 
     _renew_bio = False
+    _renew_rbio = False
     _can_renew = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(data) >= FRESH_BIO_AFTER:
+            self._renew_rbio = True
+        super().dataReceived(data)
+        connection = self._tlsConnection
+        if (
+            self._renew_rbio
+            and self._handshakeDone
+            and self._can_renew
+            and connection is not None
+            and not self._lostTLSConnection
+        ):
+            self._renew_rbio = False
+            self._can_renew = renew_read_bio(connection)
 
     def _flushSendBIO(self) -> None:
         connection = self._tlsConnection
