@@ -728,9 +728,9 @@ def openssl_micro(n: int) -> dict[str, Any]:
 def _big_message_then_fresh_bio(keep: list[Any], base: int, n: int) -> dict[str, float]:
     """Native memory after each connection is sent 64 KiB (as Twisted writes it:
     16 KiB records, the outgoing BIO read after each), then after the listener's
-    fresh-BIO renewals (securepub.server.transport.renew_write_bio and, for
+    fresh-BIO renewals (securepub.server.tls_bios.renew_write_bio and, for
     the ClientHello's buffer, renew_read_bio)."""
-    from securepub.server.transport import renew_read_bio, renew_write_bio
+    from securepub.server.tls_bios import renew_read_bio, renew_write_bio
 
     for server in keep:
         for _ in range(4):

@@ -1,4 +1,4 @@
-"""The lean listener transport: one flush call per turn, and bytes sent when written."""
+"""The lean listener: one flush call per turn, bytes sent when written, BIOs that shrink."""
 
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securepub.dev.certs import ensure_dev_certs
 from securepub.server.tls import server_context_factory
-from securepub.server.transport import (
-    ImmediateWriteServer,
+from securepub.server.tls_bios import (
     LeanTLSProtocol,
-    TurnClock,
     lean_tls_factory,
     renew_read_bio,
     renew_write_bio,
 )
+from securepub.server.transport import ImmediateWriteServer, TurnClock
 
 
 class TurnClockTests(SynchronousTestCase):

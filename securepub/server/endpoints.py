@@ -17,7 +17,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from zope.interface import implementer
 
-from securepub.server.transport import TurnClock, lean_tls_factory, use_immediate_writes
+from securepub.server.tls_bios import lean_tls_factory
+from securepub.server.transport import TurnClock, use_immediate_writes
 
 __all__ = ["BACKLOG", "ReusePortTLSEndpoint", "TLSEndpoint"]
 
