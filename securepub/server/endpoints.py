@@ -1,9 +1,10 @@
 """The TLS listening endpoints: one process's port, or one that several processes share.
 
 Both wrap the site's factory in Twisted's TLS layer the way
-``reactor.listenSSL`` does, with the lean transport of
-``securepub.server.transport`` under it: one write flush per reactor turn
-for all connections, and bytes sent when they are written.
+``reactor.listenSSL`` does, as ``securepub.server.tls_bios``'s protocol
+(memory BIOs that give their buffers back) on ``securepub.server.transport``
+(one write flush per reactor turn for all connections, bytes sent when
+they are written).
 """
 
 from __future__ import annotations
