@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import socket
 import ssl
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Generator
@@ -26,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securepub.core.errors import ConfigError
 from securepub.server.tls import server_context_factory
+from tests.tmp import private_tmpdir
 
 # Every blocking client call in a thread is bounded by this, so a server
 # that stops answering fails the test instead of hanging the reactor's
@@ -34,16 +33,6 @@ _TIMEOUT = 10.0
 
 _TLS12_SUITE = re.compile(r"^ECDHE-(ECDSA|RSA)-(AES(128|256)-GCM-SHA(256|384)|CHACHA20-POLY1305)$")
 _TLS13_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
-
-
-def _tmpdir(test: SynchronousTestCase) -> str:
-    """A private temporary directory removed after the test.
-
-    Not trial's mktemp(), which under pytest writes into the working tree.
-    """
-    path = tempfile.mkdtemp(prefix="securepub-tls-")
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _write(path: str, data: bytes) -> str:
@@ -73,7 +62,7 @@ class ServerContextFactoryConfigTests(SynchronousTestCase):
     """Bad files stop the start with one line; good ones give a hardened context."""
 
     def setUp(self) -> None:
-        self.dir = _tmpdir(self)
+        self.dir = private_tmpdir(self)
         self.ca = trustme.CA(key_type=trustme.KeyType.RSA)
         leaf = self.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA)
         self.key_pem = leaf.private_key_pem.bytes()
@@ -332,7 +321,7 @@ class TLSListenerTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.dir = _tmpdir(self)
+        self.dir = private_tmpdir(self)
         self.root = trustme.CA(key_type=trustme.KeyType.RSA)
         self.intermediate = self.root.create_child_ca(key_type=trustme.KeyType.RSA)
         leaf = self.intermediate.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 from typing import Any
 
 from OpenSSL import SSL
@@ -28,6 +26,7 @@ from securepub.server.tls_bios import (
     renew_write_bio,
 )
 from securepub.server.transport import ImmediateWriteServer, TurnClock
+from tests.tmp import private_tmpdir
 
 
 class TurnClockTests(SynchronousTestCase):
@@ -193,7 +192,7 @@ class LeanTLSProtocolTests(SynchronousTestCase):
     """Over a real TLS 1.3 session (pyOpenSSL on both ends, bytes pumped in memory)."""
 
     def setUp(self) -> None:
-        certs = ensure_dev_certs(_tmpdir(self))
+        certs = ensure_dev_certs(private_tmpdir(self))
         self.clock = Clock()
         server_factory = lean_tls_factory(
             server_context_factory(certs.cert, certs.key),
@@ -257,7 +256,7 @@ class LeanTLSProtocolTests(SynchronousTestCase):
         self.assertEqual(self.client.wrappedProtocol.received, b"pongpong")
 
     def test_renewing_the_incoming_bio_moves_what_openssl_has_not_read(self) -> None:
-        server, client = _handshaken_pair(_tmpdir(self))
+        server, client = _handshaken_pair(private_tmpdir(self))
         client.send(b"first")
         client.send(b"second")
         server.bio_write(client.bio_read(65536))  # two records, not read yet
@@ -275,13 +274,6 @@ class LeanTLSProtocolTests(SynchronousTestCase):
 
         self.assertFalse(renew_write_bio(Elsewhere()))
         self.assertFalse(renew_read_bio(Elsewhere()))
-
-
-def _tmpdir(test: SynchronousTestCase) -> str:
-    """A private directory removed after the test (trial's mktemp() writes into the tree)."""
-    path = tempfile.mkdtemp(prefix="securepub-transport-")
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _handshaken_pair(directory: str) -> tuple[SSL.Connection, SSL.Connection]:

@@ -74,6 +74,7 @@ _HANDSHAKE_ONLY = (
     "http_response_data",
     "websocket_protocols",
     "websocket_extensions",
+    "_transport_details",  # reads None from the class (see _IDLE_DEFAULTS) once dropped
     "_hs",
 )
 
@@ -115,7 +116,7 @@ _IDLE_DEFAULTS: dict[str, object] = {
             "autoPingPending",
             "autoPingPendingSent",
             "current_frame",
-            "_transport_details",  # only the opening handshake reads it
+            "_transport_details",
         ),
         None,
     ),
@@ -248,7 +249,6 @@ class SecurePubServerProtocol(WebSocketServerProtocol):
         state = self.__dict__
         for name in _HANDSHAKE_ONLY:
             state.pop(name, None)
-        state["_transport_details"] = None
         state["trafficStats"] = _UNREAD_STATS
         idle = _IDLE_DEFAULTS
         self.__dict__ = {

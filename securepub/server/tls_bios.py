@@ -142,6 +142,8 @@ class LeanTLSProtocol(BufferingTLSTransport):
             if len(data) >= FRESH_BIO_AFTER:
                 self._renew_bio = True
             transport.write(data)
+            if len(data) < 2**15:
+                break  # a memory BIO gives all it holds: it is empty now
         if self._renew_bio and self._handshakeDone and self._can_renew:
             self._renew_bio = False
             self._can_renew = renew_write_bio(connection)

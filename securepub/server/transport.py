@@ -124,8 +124,6 @@ class TurnClock:
                 call.func(*call.args)
             except Exception:  # noqa: BLE001 - logged; the rest of the batch still runs
                 _log.failure("a write flush failed", Failure(), securepub_event="internal_error")
-            call.func = _nothing
-            call.args = ()
 
 
 class ImmediateWriteServer(tcp.Server):
